@@ -1,0 +1,5 @@
+import sys
+
+from megaclip.cli.main import main
+
+sys.exit(main())

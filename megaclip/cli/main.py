@@ -1,0 +1,65 @@
+"""`megaclip <command>`: dispatch to the sub-command modules of this package.
+
+Each sub-command lives in ``megaclip/cli/<name>.py`` and exposes
+``register(subparsers) -> None``; the parser it adds sets ``func(args) -> int | None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megaclip.errors import MegaclipError
+
+# Order is the order shown in `megaclip --help`. A module that does not exist yet is skipped.
+COMMANDS = (
+    "models",
+    "info",
+    "train",
+    "eval",
+    "convert",
+    "data",
+    "bench",
+    "plan",
+    "plot",
+    "scaling",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megaclip",
+        description="Train giant CLIP models with tensor, pipeline and ZeRO data parallelism.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"megaclip.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"megaclip.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except MegaclipError as err:
+        print(f"megaclip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megaclip {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment with everything megaclip needs on a CPU machine.
+#
+#   bash scripts/install.sh            # venv in ./.venv
+#   MEGACLIP_VENV=/path bash scripts/install.sh
+#
+# torch is pinned to 2.14.1 + torchvision 0.29.1: the pair that this machine kind holds on local
+# disk (no download) and the only one with which open_clip (a test reference) imports. On a GPU
+# cluster install torch for your CUDA first and then `pip install -e .` (setup.py keeps a range).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${MEGACLIP_VENV:-$here/.venv}"
+py="${PYTHON:-python3}"
+log() { printf '[install] %s\n' "$*"; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating venv at $venv"
+  "$py" -m venv "$venv"
+fi
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+stamp="$venv/.megaclip-install-stamp"
+want="$(cat "$here/setup.py" "$here/scripts/install.sh" | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  log "venv up to date ($venv)"
+  exit 0
+fi
+
+t0=$SECONDS
+log "torch==2.14.1 torchvision==0.29.1 (local disk on this machine kind)"
+pip install "torch==2.14.1" "torchvision==0.29.1"
+if ! "$venv/bin/python" -c "import deepspeed" 2>/dev/null; then
+  log "deepspeed==0.19.8 with its CPU shared-memory comm op prebuilt (avoids a JIT build per launch)"
+  pip install ninja packaging psutil py-cpuinfo pydantic hjson msgpack einops tqdm numpy
+  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 pip install --no-build-isolation --no-deps "deepspeed==0.19.8"
+fi
+log "megaclip + test/dev extras"
+pip install "megatron-core==0.16.1" -e "$here[test,dev,demo,plot,tensorboard]"
+echo "$want" > "$stamp"
+log "done in $((SECONDS - t0)) s"

@@ -1,0 +1,39 @@
+"""megaclip: train giant CLIP models with tensor, pipeline and ZeRO data parallelism."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megaclip",
+    version="0.1.0",
+    description="Train giant CLIP models with TP x PP x ZeRO-DP (megatron-core + DeepSpeed)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megaclip", "megaclip.*"]),
+    package_data={"megaclip": ["config/presets/*.yaml", "tokenizer/*.gz", "data/*.txt"]},
+    include_package_data=True,
+    # A range, not a pin: GPU users keep the CUDA torch they already have.
+    # scripts/install.sh pins the torch build that CPU machines install from local disk.
+    install_requires=[
+        "torch>=2.4,<2.16",
+        "deepspeed>=0.16,<0.20",
+        "megatron-core>=0.12,<0.18",
+        "sentencepiece>=0.2",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "open_clip_torch>=2.24",
+            "scikit-learn>=1.3",
+        ],
+        "demo": ["scikit-learn>=1.3", "pillow>=9"],
+        "dev": ["ruff>=0.6"],
+        "plot": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
+    entry_points={"console_scripts": ["megaclip=megaclip.cli.main:main"]},
+)
