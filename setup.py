@@ -1,12 +1,14 @@
 """megaclip: train giant CLIP models with tensor, pipeline and ZeRO data parallelism."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="megaclip",
     version="0.1.0",
     description="Train giant CLIP models with TP x PP x ZeRO-DP (megatron-core + DeepSpeed)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megaclip", "megaclip.*"]),

@@ -1,1 +1,1 @@
-"""megaclip.checkpoint"""
+"""Checkpoint save/resume helpers and pure state-dict conversion."""

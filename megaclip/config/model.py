@@ -1,0 +1,173 @@
+"""Model configuration: frozen dataclasses for the vision tower, text tower and CLIP model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from megaclip.config.schema import from_dict, load_mapping
+from megaclip.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+ALIASES = {"ViT-bigG-14": "ViT-G-14"}
+
+
+def _positive(where: str, **values: int) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise ConfigError(f"{where}.{name} must be positive, got {v}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT image tower: patch embedding, class token, pre-LN transformer, ln_post + projection."""
+
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        _positive(
+            "vision",
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            width=self.width,
+            layers=self.layers,
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            channels=self.channels,
+        )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision.image_size {self.image_size} is not divisible by "
+                f"vision.patch_size {self.patch_size}"
+            )
+        if self.width % self.heads:
+            raise ConfigError(
+                f"vision.width {self.width} is not divisible by vision.heads {self.heads}"
+            )
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per image: patches plus the class token."""
+        return self.grid**2 + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A causal text transformer: token + position embeddings, pre-LN blocks, EOT-pooled head."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+
+    def __post_init__(self) -> None:
+        _positive(
+            "text",
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            width=self.width,
+            layers=self.layers,
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+        )
+        if self.width % self.heads:
+            raise ConfigError(
+                f"text.width {self.width} is not divisible by text.heads {self.heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """A CLIP model: two towers projected to a shared ``embed_dim`` plus a learnable temperature."""
+
+    name: str = "custom"
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    activation: Literal["gelu", "quick_gelu"] = "gelu"
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _positive("model", embed_dim=self.embed_dim)
+        if self.init_logit_scale > self.max_logit_scale:
+            raise ConfigError(
+                f"model.init_logit_scale {self.init_logit_scale:.4f} exceeds "
+                f"model.max_logit_scale {self.max_logit_scale:.4f}"
+            )
+
+    def with_overrides(self, **kwargs: Any) -> ClipConfig:
+        return replace(self, **kwargs)
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled model presets (aliases not included)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> ClipConfig:
+    """The bundled preset ``name`` (``ViT-bigG-14`` is an alias of ``ViT-G-14``)."""
+    canonical = ALIASES.get(name, name)
+    path = PRESET_DIR / f"{canonical}.yaml"
+    if not path.is_file():
+        import difflib
+
+        names = list_presets() + list(ALIASES)
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"unknown model '{name}'.{hint} Known: {', '.join(names)} "
+            "(or pass a YAML/JSON model file)."
+        )
+    return model_from_dict(load_mapping(path), where=f"preset {canonical}")
+
+
+def model_from_dict(data: dict[str, Any], where: str = "model") -> ClipConfig:
+    """Validate a model mapping; ``preset: NAME`` starts from a preset and overrides fields."""
+    data = dict(data)
+    base = data.pop("preset", None)
+    if base is None:
+        return from_dict(ClipConfig, data, where)
+    from megaclip.config.schema import to_dict
+
+    merged = to_dict(load_preset(str(base)))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return from_dict(ClipConfig, merged, where)
+
+
+def resolve_model(spec: str | dict[str, Any] | ClipConfig) -> ClipConfig:
+    """A preset name, a YAML/JSON file path, a mapping or a ClipConfig -> ClipConfig."""
+    if isinstance(spec, ClipConfig):
+        return spec
+    if isinstance(spec, dict):
+        return model_from_dict(spec)
+    if spec.endswith((".yaml", ".yml", ".json")):
+        return model_from_dict(load_mapping(spec), where=spec)
+    return load_preset(spec)

@@ -1,0 +1,102 @@
+"""Analytic parameter counts, MACs and FLOPs per sample (pure functions of the config).
+
+Conventions (the same as open_clip's published model table):
+- one sample is one image at ``vision.image_size`` and one text of ``text.context_length`` tokens;
+- MACs count matrix multiplies only (linear layers, patch embedding, Q@K^T and A@V over the full
+  sequence, the projections); norms, softmax, activations and embedding look-ups are not counted;
+- training FLOPs = 2 FLOPs per MAC x (1 forward + 2 backward) = 6 x MACs ("model FLOPs", used for
+  MFU); activation checkpointing recomputes the forward: hardware FLOPs = 8 x MACs (used for HFU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
+
+
+def block_params(width: int, mlp_dim: int) -> int:
+    """Parameters of one pre-LN residual block: 2 LayerNorms, QKV + out-proj, fc1 + fc2 (biases)."""
+    attn = 3 * width * width + 3 * width + width * width + width
+    mlp = width * mlp_dim + mlp_dim + mlp_dim * width + width
+    return attn + mlp + 4 * width
+
+
+def block_macs(width: int, mlp_dim: int, seq: int) -> int:
+    """Forward MACs of one block on ``seq`` tokens: S (4 W^2 + 2 W M) + 2 S^2 W (attention)."""
+    return seq * (4 * width * width + 2 * width * mlp_dim) + 2 * seq * seq * width
+
+
+def vision_params(v: VisionConfig, embed_dim: int) -> int:
+    """Patch embedding (no bias), class token, positions, ln_pre, blocks, ln_post, projection."""
+    embed = v.channels * v.patch_size**2 * v.width + v.width + v.seq_len * v.width + 2 * v.width
+    head = 2 * v.width + v.width * embed_dim
+    return embed + v.layers * block_params(v.width, v.mlp_dim) + head
+
+
+def text_params(t: TextConfig, embed_dim: int) -> int:
+    """Token and positional embeddings, blocks, ln_final, text projection."""
+    embed = t.vocab_size * t.width + t.context_length * t.width
+    head = 2 * t.width + t.width * embed_dim
+    return embed + t.layers * block_params(t.width, t.mlp_dim) + head
+
+
+def vision_embed_macs(v: VisionConfig) -> int:
+    """Patch-embedding convolution: one (C p^2 -> W) matmul per patch."""
+    return v.grid**2 * v.channels * v.patch_size**2 * v.width
+
+
+def vision_macs(v: VisionConfig, embed_dim: int) -> int:
+    """Forward MACs of the image tower for one image."""
+    blocks = v.layers * block_macs(v.width, v.mlp_dim, v.seq_len)
+    return vision_embed_macs(v) + blocks + v.width * embed_dim
+
+
+def text_macs(t: TextConfig, embed_dim: int) -> int:
+    """Forward MACs of the text tower for one context-length text (full attention counted)."""
+    return t.layers * block_macs(t.width, t.mlp_dim, t.context_length) + t.width * embed_dim
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Parameter counts and per-sample compute of one CLIP model."""
+
+    params_vision: int
+    params_text: int
+    params_total: int
+    macs_vision: int
+    macs_text: int
+    macs_total: int
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs_total / 1e9
+
+    @property
+    def train_flops(self) -> int:
+        """Model FLOPs per training sample (forward + backward): 6 x MACs."""
+        return 6 * self.macs_total
+
+    def hardware_flops(self, recompute: bool) -> int:
+        """FLOPs actually executed per sample: one extra forward with activation checkpointing."""
+        return (8 if recompute else 6) * self.macs_total
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "params_total": self.params_total,
+            "params_vision": self.params_vision,
+            "params_text": self.params_text,
+            "gmacs_total": round(self.macs_total / 1e9, 3),
+            "gmacs_vision": round(self.macs_vision / 1e9, 3),
+            "gmacs_text": round(self.macs_text / 1e9, 3),
+            "train_gflops_per_sample": round(self.train_flops / 1e9, 3),
+        }
+
+
+def model_cost(cfg: ClipConfig) -> ModelCost:
+    """Parameters and forward MACs per sample of ``cfg`` (logit_scale counted as 1 parameter)."""
+    pv = vision_params(cfg.vision, cfg.embed_dim)
+    pt = text_params(cfg.text, cfg.embed_dim)
+    mv = vision_macs(cfg.vision, cfg.embed_dim)
+    mt = text_macs(cfg.text, cfg.embed_dim)
+    return ModelCost(pv, pt, pv + pt + 1, mv, mt, mv + mt)

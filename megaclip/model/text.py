@@ -1,0 +1,69 @@
+"""The text tower: a causal transformer pooled at the end-of-text token (open_clip's layout)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megaclip.config.model import TextConfig
+from megaclip.model.blocks import ResidualBlock, run_blocks
+
+
+class TextEmbed(nn.Module):
+    """Token embedding plus learned positional embedding."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, L] int -> [B, L, D]
+        return self.token_embedding(tokens) + self.positional_embedding
+
+
+def eot_index(tokens: torch.Tensor) -> torch.Tensor:
+    """Position of each text's end-of-text token: the largest id (CLIP BPE puts EOT last)."""
+    return tokens.argmax(dim=-1)  # [B]
+
+
+class TextHead(nn.Module):
+    """ln_final at the EOT position, then the text projection."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.ln_final = nn.LayerNorm(cfg.width, eps=eps)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+
+    def forward(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, D]
+        return self.ln_final(pooled) @ self.text_projection  # [B, E]
+
+
+class TextTower(nn.Module):
+    """tokens [B, L] -> unnormalised text embeddings [B, E]."""
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        embed_dim: int,
+        *,
+        act: str = "gelu",
+        eps: float = 1e-5,
+        tp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.embed = TextEmbed(cfg)
+        self.blocks = nn.ModuleList(
+            ResidualBlock(
+                cfg.width, cfg.heads, cfg.mlp_dim, act=act, eps=eps, causal=True, tp_group=tp_group
+            )
+            for _ in range(cfg.layers)
+        )
+        self.head = TextHead(cfg, embed_dim, eps)
+        self.recompute = False
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)  # [B, L, D]
+        x = run_blocks(self.blocks, x, self.recompute)  # [B, L, D]
+        return self.head(x, eot_index(tokens))  # [B, E]

@@ -1,0 +1,82 @@
+"""The image tower: a ViT with a class token (open_clip's VisionTransformer architecture)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megaclip.config.model import VisionConfig
+from megaclip.model.blocks import ResidualBlock, run_blocks
+
+
+class VisionEmbed(nn.Module):
+    """Patchify (conv, no bias), prepend the class token, add positions, ln_pre; FLIP dropout."""
+
+    def __init__(self, cfg: VisionConfig, eps: float = 1e-5, patch_dropout: float = 0.0) -> None:
+        super().__init__()
+        p = cfg.patch_size
+        self.conv1 = nn.Conv2d(cfg.channels, cfg.width, kernel_size=p, stride=p, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(cfg.width))
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.seq_len, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=eps)
+        self.patch_dropout = patch_dropout
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # [B, D, G, G]
+        x = x.flatten(2).transpose(1, 2)  # [B, G*G, D]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, S, D]
+        if self.training and self.patch_dropout > 0:
+            x = drop_patches(x, self.patch_dropout)  # [B, 1 + keep, D]
+        return self.ln_pre(x)
+
+
+def drop_patches(x: torch.Tensor, prob: float) -> torch.Tensor:
+    """FLIP: keep the class token and a random ``1 - prob`` fraction of patch tokens per image."""
+    b, s, d = x.shape  # [B, 1 + P, D]
+    keep = max(1, int((s - 1) * (1 - prob)))
+    scores = torch.rand(b, s - 1, device=x.device)
+    idx = scores.topk(keep, dim=1).indices.sort(dim=1).values + 1  # [B, keep]
+    patches = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))  # [B, keep, D]
+    return torch.cat([x[:, :1], patches], dim=1)
+
+
+class VisionHead(nn.Module):
+    """ln_post on the class token, then the projection to the shared embedding space."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.ln_post = nn.LayerNorm(cfg.width, eps=eps)
+        self.proj = nn.Parameter(torch.empty(cfg.width, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, E]
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class VisionTower(nn.Module):
+    """images [B, C, H, W] -> unnormalised image embeddings [B, E]."""
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        embed_dim: int,
+        *,
+        act: str = "gelu",
+        eps: float = 1e-5,
+        patch_dropout: float = 0.0,
+        tp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.embed = VisionEmbed(cfg, eps, patch_dropout)
+        self.blocks = nn.ModuleList(
+            ResidualBlock(cfg.width, cfg.heads, cfg.mlp_dim, act=act, eps=eps, tp_group=tp_group)
+            for _ in range(cfg.layers)
+        )
+        self.head = VisionHead(cfg, embed_dim, eps)
+        self.recompute = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)  # [B, S, D]
+        x = run_blocks(self.blocks, x, self.recompute)  # [B, S, D]
+        return self.head(x)  # [B, E]

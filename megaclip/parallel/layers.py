@@ -1,0 +1,122 @@
+"""Thin wrappers over megatron-core's tensor-parallel linear layers.
+
+Both return a single tensor (megatron returns ``(output, bias)``) and take the tensor-parallel
+process group as an argument; ``tp_group=None`` means no tensor parallelism: the same parameters
+with plain ``F.linear`` math, so a single device needs no process group at all.
+Weights are left uninitialised here: :func:`megaclip.model.init.init_parameters` fills them
+deterministically from the full (unsharded) tensors so every layout starts from the same model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+
+def tp_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, size) of this process in the tensor-parallel group (0, 1 without one)."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _mp_config(group: dist.ProcessGroup | None) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_world(group)[1],
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+    )
+
+
+def _mark_sharded(param: torch.Tensor, dim: int, stride: int) -> None:
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = stride
+
+
+def _no_init(_: torch.Tensor) -> None:
+    return None
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """y_r = x A_r^T + b_r, A split by output rows over TP ranks; backward all-reduces dL/dx."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        tp_group: dist.ProcessGroup | None,
+        bias: bool = True,
+        stride: int = 1,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            config=_mp_config(tp_group),
+            init_method=_no_init,
+            bias=bias,
+            gather_output=False,
+            stride=stride,
+            tp_group=tp_group,
+        )
+        # megatron sets these only for TP > 1; the checkpoint converter relies on them always.
+        self.explicit_tp_group = tp_group  # megatron may substitute its global group for None
+        self._load_state_dict_pre_hooks.clear()  # megatron's hook injects "_extra_state" keys
+        _mark_sharded(self.weight, dim=0, stride=stride)
+        if self.bias is not None:
+            _mark_sharded(self.bias, dim=0, stride=stride)
+
+    # megatron adds an empty "_extra_state" entry per layer; keep state dicts to real tensors.
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out / tp]
+        if self.explicit_tp_group is None:
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)[0]
+
+
+class RowLinear(RowParallelLinear):
+    """y = all_reduce_r(x_r A_r^T) + b, A split by input columns over TP ranks; b replicated."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        tp_group: dist.ProcessGroup | None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            config=_mp_config(tp_group),
+            init_method=_no_init,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
+        self.explicit_tp_group = tp_group
+        self._load_state_dict_pre_hooks.clear()
+        _mark_sharded(self.weight, dim=1, stride=1)
+
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in / tp] -> [..., out]
+        if self.explicit_tp_group is None:
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)[0]
+
+
+def partition_of(param: torch.Tensor) -> tuple[int | None, int]:
+    """(partition dim or None if replicated, stride) of a parameter built by these layers."""
+    return getattr(param, "partition_dim", None), getattr(param, "partition_stride", 1)

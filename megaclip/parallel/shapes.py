@@ -1,0 +1,71 @@
+"""Pure shape and partition math for tensor parallelism (no process groups involved)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from megaclip.config.model import ClipConfig
+from megaclip.errors import ConfigError
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    """numerator / denominator, or a ConfigError naming ``what`` when it does not divide."""
+    if denominator <= 0 or numerator % denominator:
+        raise ConfigError(f"{what}: {numerator} is not divisible by {denominator}")
+    return numerator // denominator
+
+
+def check_tensor_parallel(cfg: ClipConfig, tp: int) -> None:
+    """Raise one ConfigError if ``tp`` cannot split both towers' heads and MLPs evenly."""
+    if tp < 1:
+        raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
+    problems = []
+    for tower, c in (("vision", cfg.vision), ("text", cfg.text)):
+        if c.heads % tp:
+            problems.append(f"{tower}.heads={c.heads}")
+        if c.mlp_dim % tp:
+            problems.append(f"{tower}.mlp_dim={c.mlp_dim}")
+    if problems:
+        options = [
+            d
+            for d in range(1, 65)
+            if all(x % d == 0 for x in (cfg.vision.heads, cfg.text.heads))
+            and all(x % d == 0 for x in (cfg.vision.mlp_dim, cfg.text.mlp_dim))
+        ]
+        raise ConfigError(
+            f"tensor parallel size {tp} does not divide {', '.join(problems)} of model "
+            f"'{cfg.name}'; valid tp values for this model: {options}"
+        )
+
+
+def shard(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full`` along ``dim``: ``stride`` interleaved blocks (q;k;v -> 3).
+
+    ``full`` is cut into ``stride * size`` equal chunks; rank r keeps chunks r, r+size, ... (the
+    megatron-core convention), so a stacked [q; k; v] weight gives each rank [q_r; k_r; v_r].
+    """
+    if size == 1:
+        return full
+    n = full.shape[dim]
+    chunk = divide(n, stride * size, f"dimension {dim} of a tensor of shape {tuple(full.shape)}")
+    pieces = torch.split(full, chunk, dim=dim)
+    return torch.cat(pieces[rank::size], dim=dim).contiguous()
+
+
+def unshard(parts: Sequence[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of :func:`shard`: the full tensor from every rank's slice, in rank order."""
+    size = len(parts)
+    if size == 1:
+        return parts[0]
+    per_rank = [torch.chunk(p, stride, dim=dim) for p in parts]
+    return torch.cat([per_rank[r][s] for s in range(stride) for r in range(size)], dim=dim)
+
+
+def full_shape(local: Sequence[int], dim: int | None, size: int) -> tuple[int, ...]:
+    """Shape of the unsharded tensor given a local shard's shape and its partition dim."""
+    shape = list(local)
+    if dim is not None and size > 1:
+        shape[dim] *= size
+    return tuple(shape)
