@@ -1,0 +1,76 @@
+"""Parallel layout and batch configuration, validated before any process group exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megaclip.config.model import ClipConfig
+from megaclip.errors import ConfigError
+from megaclip.parallel.shapes import check_tensor_parallel
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """(tp, pp, dp) layout, ZeRO stage, micro-batching and precision of one training run.
+
+    World size = tp * pp * dp (TP innermost, then DP, then PP: megatron-core's rank order).
+    Global batch = micro_batch_size * grad_accum_steps * dp; every sample of it is a negative for
+    every other in the contrastive loss, whatever the layout.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 1
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    precision: Precision = "fp32"
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "micro_batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"ZeRO stage {self.zero_stage} cannot be combined with pipeline parallelism "
+                f"(pp={self.pp}): DeepSpeed's pipeline engine supports ZeRO-0/1 only. "
+                "Use zero_stage: 1, or pp: 1 for ZeRO-2/3."
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.dp
+
+    def check_model(self, model: ClipConfig) -> None:
+        """Raise if the model cannot be split this way (TP heads, PP blocks)."""
+        check_tensor_parallel(model, self.tp)
+        blocks = model.vision.layers + model.text.layers
+        if self.pp > blocks:
+            raise ConfigError(
+                f"pipeline size {self.pp} exceeds the model's {blocks} residual blocks "
+                f"({model.vision.layers} vision + {model.text.layers} text)"
+            )
+
+    def check_world(self, world_size: int) -> None:
+        """Raise if the launched world size differs from tp * pp * dp."""
+        if world_size != self.world_size:
+            model_parallel = self.tp * self.pp
+            fix = (
+                f"set parallel.dp = {world_size // model_parallel}"
+                if world_size % model_parallel == 0
+                else f"launch a multiple of tp * pp = {model_parallel} processes"
+            )
+            raise ConfigError(
+                f"launched {world_size} processes but tp * pp * dp = {self.tp} * {self.pp} * "
+                f"{self.dp} = {self.world_size}; {fix}"
+            )
