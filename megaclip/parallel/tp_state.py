@@ -1,0 +1,53 @@
+"""Gather tensor-parallel shards back to full tensors (checkpoint export, tests, eval)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from megaclip.parallel.layers import partition_of
+from megaclip.parallel.shapes import unshard
+
+
+def gather_full(
+    named: Iterable[tuple[str, torch.Tensor, torch.Tensor]], tp_group: dist.ProcessGroup | None
+) -> dict[str, torch.Tensor]:
+    """{name: full tensor} from (name, parameter, value) triples; sharded values are all-gathered.
+
+    ``parameter`` carries the partition metadata, ``value`` is what to gather (the parameter
+    itself or its gradient). Every rank of ``tp_group`` must call this with the same names.
+    """
+    size = 1 if tp_group is None else dist.get_world_size(tp_group)
+    out = {}
+    for name, param, value in named:
+        dim, stride = partition_of(param)
+        value = value.detach().contiguous()
+        if dim is None or size == 1:
+            out[name] = value.clone()
+            continue
+        parts = [torch.empty_like(value) for _ in range(size)]
+        dist.all_gather(parts, value, group=tp_group)
+        out[name] = unshard(parts, dim, stride)
+    return out
+
+
+def full_state(
+    module: torch.nn.Module, tp_group: dist.ProcessGroup | None
+) -> dict[str, torch.Tensor]:
+    """Full (TP-unsharded) parameters of ``module`` keyed by their local names."""
+    return gather_full(((n, p, p) for n, p in module.named_parameters()), tp_group)
+
+
+def full_grads(
+    module: torch.nn.Module, tp_group: dist.ProcessGroup | None
+) -> dict[str, torch.Tensor]:
+    """Full (TP-unsharded) gradients of ``module``'s parameters (zeros where grad is None)."""
+    return gather_full(
+        (
+            (n, p, p.grad if p.grad is not None else torch.zeros_like(p))
+            for n, p in module.named_parameters()
+        ),
+        tp_group,
+    )
