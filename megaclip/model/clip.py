@@ -17,7 +17,9 @@ class ClipModel(nn.Module):
     """images [B, C, H, W], tokens [B, L] -> normalised features [B, E] x 2 and log logit scale [1].
 
     ``logit_scale`` is the *log* of the softmax temperature's inverse (as in open_clip); it is a
-    shape-[1] parameter because DeepSpeed cannot broadcast 0-dim parameters.
+    shape-[1] parameter because DeepSpeed cannot broadcast 0-dim parameters. The loss clamps it
+    to ``cfg.max_logit_scale`` (ln 100) in the forward, which works the same under every ZeRO
+    stage (clamping the parameter after the step would miss ZeRO's fp32 master copy).
     """
 
     def __init__(
@@ -56,8 +58,3 @@ class ClipModel(nn.Module):
         image_features = self.encode_image(images)  # [B, E]
         text_features = self.encode_text(tokens)  # [B, E]
         return image_features, text_features, self.logit_scale  # ..., [1]
-
-    @torch.no_grad()
-    def clamp_logit_scale(self) -> None:
-        """Keep the temperature within [0, ln 100] as open_clip does after each step."""
-        self.logit_scale.clamp_(0, self.cfg.max_logit_scale)

@@ -1,0 +1,47 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule (open_clip's recipe)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+_NO_DECAY_NAMES = ("embedding", "class_embedding", "logit_scale", "logit_bias")
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Gains, biases, embeddings and the temperature get no weight decay (as in open_clip)."""
+    return param.ndim < 2 or any(key in name for key in _NO_DECAY_NAMES)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and everything :func:`no_weight_decay` exempts."""
+    decay, keep = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (keep if no_weight_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups.append({"params": keep, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup_steps``, then cosine decay to ``min_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    params: Iterable[dict],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+) -> torch.optim.Optimizer:
+    """torch AdamW (no JIT build needed, works on every accelerator)."""
+    return torch.optim.AdamW(list(params), lr=lr, betas=betas, eps=eps)
