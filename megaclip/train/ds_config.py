@@ -62,7 +62,7 @@ def resolve_ds_config(
             raise ConfigError(
                 f"DeepSpeed config sets {key}={got} but megaclip's layout gives {want} "
                 f"(micro_batch_size={par.micro_batch_size} x grad_accum_steps="
-                f"{par.grad_accum_steps} x dp={par.dp}); remove the key or set it to \"auto\""
+                f'{par.grad_accum_steps} x dp={par.dp}); remove the key or set it to "auto"'
             )
         out[key] = want
     if any(k in out for k in _PRECISION_KEYS):
@@ -85,7 +85,9 @@ def resolve_ds_config(
         )
     zero["stage"] = stage
     if par.pp > 1 and stage > 1:
-        raise ConfigError(f"ZeRO stage {stage} is incompatible with pipeline parallelism (pp={par.pp})")
+        raise ConfigError(
+            f"ZeRO stage {stage} is incompatible with pipeline parallelism (pp={par.pp})"
+        )
     if "optimizer" in out or "scheduler" in out:
         raise ConfigError(
             "DeepSpeed config defines 'optimizer'/'scheduler': megaclip builds AdamW and its "
