@@ -12,7 +12,7 @@ from PIL import Image
 from megaclip.data.loader import build_webdataset_loader
 from megaclip.data.webdataset import ShardWriter
 from megaclip.errors import DataError
-from tests.test_data_util import caption_of, fake_tokenizer, write_shards
+from tests.data_util import caption_of, fake_tokenizer, write_shards
 
 
 def _ids(batches):

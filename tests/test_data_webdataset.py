@@ -25,7 +25,7 @@ from megaclip.data.webdataset import (
     split_name,
 )
 from megaclip.errors import ConfigError, DataError
-from tests.test_data_util import caption_of, tiny_image, write_shards
+from tests.data_util import caption_of, tiny_image, write_shards
 
 
 def _png(img: Image.Image) -> bytes:
