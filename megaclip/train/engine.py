@@ -73,6 +73,19 @@ class StepResult:
     backward_time: float
 
 
+class _LastStageLoss:
+    """The pipeline's loss_fn: collects features (no-grad pass) or runs the surrogate backward."""
+
+    def __init__(self) -> None:
+        self.collected: list[torch.Tensor] | None = None
+
+    def __call__(self, outputs: torch.Tensor, cached_grad: torch.Tensor) -> torch.Tensor:
+        if self.collected is not None:
+            self.collected.append(outputs.detach())
+            return outputs.new_zeros(())
+        return cached_grad_loss(outputs, cached_grad)
+
+
 class ClipEngine:
     """Builds the model for this rank's (tp, pp, dp) coordinates and trains it step by step."""
 
@@ -116,10 +129,11 @@ class ClipEngine:
                 )
                 for plan in self.plans
             ]
+            self.last_stage_loss = _LastStageLoss()
             module = PipelineModule(
                 layers=specs,
                 topology=topo.ds_topology,
-                loss_fn=cached_grad_loss,
+                loss_fn=self.last_stage_loss,
                 partition_method="uniform",
             )
         init_parameters(module, model_cfg, seed, tp_group)
@@ -243,12 +257,11 @@ class ClipEngine:
         last = self.topo.is_last_stage
         dummy = torch.zeros(b, 2 * e + 1, device=self.device)
         rng = torch.get_rng_state()
-        feats = engine.eval_batch(
-            iter([(mb, dummy) for mb in batches]),
-            compute_loss=False,
-            reduce_output=None,
-            bcast_loss=False,
+        self.last_stage_loss.collected = feats = []
+        engine.eval_batch(
+            iter([(mb, dummy) for mb in batches]), reduce_output=None, bcast_loss=False
         )
+        self.last_stage_loss.collected = None
         torch.set_rng_state(rng)  # the second forward replays the same random patch dropout
         cached = [dummy] * accum
         metrics = torch.zeros(4, dtype=torch.float64)
