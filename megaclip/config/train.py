@@ -1,0 +1,133 @@
+"""The run configuration of `megaclip train`: one YAML/JSON file, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from megaclip.config.model import ClipConfig, model_from_dict, resolve_model
+from megaclip.config.parallel import ParallelConfig
+from megaclip.config.schema import apply_overrides, from_dict, load_mapping, to_dict
+from megaclip.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data: LAION-style webdataset shards, or synthetic batches for benchmarks."""
+
+    kind: Literal["webdataset", "synthetic"] = "webdataset"
+    train: str = ""
+    mode: Literal["resampled", "epoch"] = "resampled"
+    workers: int = 0
+    tokenizer: Literal["clip_bpe", "sentencepiece"] = "clip_bpe"
+    tokenizer_path: str | None = None
+    shuffle_buffer: int = 256
+    max_skip_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind == "webdataset" and not self.train:
+            raise ConfigError(
+                "data.train is empty: give a shard spec such as 'data/{000000..000099}.tar' "
+                "(or data.kind: synthetic)"
+            )
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """AdamW + warmup/cosine schedule (open_clip defaults)."""
+
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class ZeroShotSection:
+    """Zero-shot classification data for periodic evaluation (class names + prompt templates)."""
+
+    data: str = ""
+    classnames: str = ""
+    templates: str = ""
+    every: int = 0
+    max_samples: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Length, seeds, regularisation, logging and checkpointing of the run."""
+
+    steps: int = 100
+    seed: int = 0
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    save_every: int = 0
+    keep_last: int = 2
+    resume: bool = True
+    patch_dropout: float = 0.0
+    lock_image: bool = False
+    lock_text: bool = False
+    loss_chunk_size: int = 4096
+    tensorboard: bool = True
+    dist_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"train.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.lock_image and self.lock_text:
+            raise ConfigError("train.lock_image and train.lock_text are both set: nothing to train")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `megaclip train` needs; the DeepSpeed JSON only adds engine options."""
+
+    model: ClipConfig = field(default_factory=ClipConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(kind="synthetic"))
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
+    deepspeed: str | None = None
+
+    def __post_init__(self) -> None:
+        self.parallel.check_model(self.model)
+
+
+def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
+    """Validate a run mapping; ``model`` may be a preset name, a file path or a mapping."""
+    data = dict(data)
+    model = data.pop("model", "tiny")
+    model_cfg = model_from_dict(model, f"{where}.model") if isinstance(model, dict) else None
+    if model_cfg is None:
+        if not isinstance(model, str):
+            raise ConfigError(f"{where}.model: expected a preset name, file or mapping")
+        model_cfg = resolve_model(model)
+    return from_dict(RunConfig, {**data, "model": model_cfg}, where)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a run config file (or defaults) and apply ``key.sub=value`` overrides."""
+    data = load_mapping(path) if path else {}
+    data = apply_overrides(data, list(overrides))
+    return run_config_from_dict(data, where=str(path or "config"))
+
+
+def run_config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain mapping (YAML-ready) of a resolved run config, as saved with each run."""
+    return to_dict(cfg)
