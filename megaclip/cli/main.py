@@ -35,6 +35,7 @@ def _quiet_imports() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     warnings.filterwarnings("ignore", message=r".*apex.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -31,6 +31,7 @@ from megaclip.config.parallel import ParallelConfig
 from megaclip.loss.contrastive import clip_loss
 from megaclip.model.clip import ClipModel
 from megaclip.model.init import init_parameters
+from megaclip.model.naming import strip_prefix
 from megaclip.parallel.runtime import accelerator, device
 from megaclip.parallel.topology import Topology
 from megaclip.pipeline.partition import partition
@@ -73,6 +74,17 @@ class StepResult:
     backward_time: float
 
 
+def lock_tower(module: torch.nn.Module, tower: str) -> int:
+    """Freeze every parameter of the 'image' or 'text' tower (LiT-style); returns how many."""
+    prefix = {"image": "visual.", "text": "text."}[tower]
+    frozen = 0
+    for name, param in module.named_parameters():
+        if strip_prefix(name).startswith(prefix):  # logit_scale stays trainable
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 class _LastStageLoss:
     """The pipeline's loss_fn: collects features (no-grad pass) or runs the surrogate backward."""
 
@@ -100,6 +112,7 @@ class ClipEngine:
         seed: int = 0,
         patch_dropout: float = 0.0,
         loss_chunk_size: int | None = 4096,
+        lock: str | None = None,
     ) -> None:
         import deepspeed
 
@@ -137,6 +150,8 @@ class ClipEngine:
                 partition_method="uniform",
             )
         init_parameters(module, model_cfg, seed, tp_group)
+        if lock is not None:
+            lock_tower(module, lock)
         optimizer = build_optimizer(
             param_groups(module, optim.weight_decay),
             lr=optim.lr,

@@ -1,0 +1,297 @@
+"""`megaclip train`: the training loop around ClipEngine (data, logging, eval, checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megaclip.config.train import RunConfig, run_config_to_dict
+from megaclip.errors import ConfigError
+from megaclip.model.flops import model_cost
+from megaclip.parallel.runtime import init_distributed
+from megaclip.parallel.topology import Topology
+from megaclip.train.ds_config import load_ds_config
+from megaclip.train.engine import ClipEngine, OptimConfig, StepResult
+from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
+
+
+def micro_batch_stream(cfg: RunConfig, topo: Topology, tokenizer) -> Iterator[tuple]:
+    """Endless (images, tokens) micro-batches for this DP rank (same for its TP/PP peers)."""
+    m, par = cfg.model, cfg.parallel
+    seed = topo.data_seed(cfg.train.seed)
+    if cfg.data.kind == "synthetic":
+        from megaclip.data.synthetic import SyntheticConfig, synthetic_batches
+
+        eot = m.text.vocab_size - 1
+        yield from synthetic_batches(
+            SyntheticConfig(
+                batch_size=par.micro_batch_size,
+                image_size=m.vision.image_size,
+                context_length=m.text.context_length,
+                vocab_size=m.text.vocab_size,
+                sot_id=None if m.text.vocab_size < 3 else eot - 1,
+                eot_id=eot,
+                seed=seed,
+            )
+        )
+        return
+    from megaclip.data import build_webdataset_loader
+
+    loader = build_webdataset_loader(
+        cfg.data.train,
+        tokenizer,
+        image_size=m.vision.image_size,
+        batch_size=par.micro_batch_size,
+        dp_rank=topo.coords.dp,
+        dp_size=par.dp,
+        workers=cfg.data.workers,
+        mode=cfg.data.mode,
+        seed=cfg.train.seed,
+        train=True,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        max_skip_fraction=cfg.data.max_skip_fraction,
+    )
+    epoch = 0
+    while True:  # epoch mode: each rank cycles its own share (ranks may hold unequal counts)
+        loader.set_epoch(epoch)
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        if not got:
+            raise ConfigError(
+                f"data.train yields no batch of {par.micro_batch_size} on DP rank "
+                f"{topo.coords.dp}: use fewer ranks, a smaller micro_batch_size or more data"
+            )
+        epoch += 1
+
+
+def _tokenizer(cfg: RunConfig):
+    from megaclip.tokenizer import build_tokenizer
+
+    if cfg.data.kind == "synthetic":
+        return None
+    tok = build_tokenizer(
+        cfg.data.tokenizer, cfg.data.tokenizer_path, context_length=cfg.model.text.context_length
+    )
+    if tok.vocab_size > cfg.model.text.vocab_size:
+        raise ConfigError(
+            f"the {cfg.data.tokenizer} tokenizer has {tok.vocab_size} ids but model.text."
+            f"vocab_size is {cfg.model.text.vocab_size}; use a model with a large enough vocabulary"
+        )
+    return tok
+
+
+class _Progress:
+    """tqdm bar on rank 0 (plain lines when stdout is not a terminal)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", leave=True)
+
+    def update(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
+    """Train ``cfg`` on the launched processes; returns the final summary on rank 0."""
+    rank, world = init_distributed(cfg.train.dist_timeout_s)
+    ds = load_ds_config(ds_override or cfg.deepspeed)
+    par = cfg.parallel
+    if "activation_checkpointing" in ds and not par.activation_checkpointing:
+        par = dataclasses.replace(par, activation_checkpointing=True)
+    par.check_world(world)
+    cfg = dataclasses.replace(cfg, parallel=par)
+    topo = Topology(par, timeout_minutes=max(1, int(cfg.train.dist_timeout_s // 60)))
+    out = Path(cfg.train.out_dir)
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = run_config_to_dict(cfg)
+        resolved["deepspeed"] = ds_override or cfg.deepspeed
+        text = yaml.safe_dump(resolved, sort_keys=False)
+        (out / "config.yaml").write_text(text, encoding="utf-8")
+        print("resolved config:\n" + text, flush=True)
+    tokenizer = _tokenizer(cfg)
+    o, t = cfg.optim, cfg.train
+    lock = "image" if t.lock_image else "text" if t.lock_text else None
+    engine = ClipEngine(
+        cfg.model,
+        par,
+        topo,
+        ds,
+        OptimConfig(
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            beta1=o.beta1,
+            beta2=o.beta2,
+            eps=o.eps,
+            warmup_steps=o.warmup_steps,
+            total_steps=t.steps,
+            grad_clip=o.grad_clip,
+        ),
+        seed=t.seed,
+        patch_dropout=t.patch_dropout,
+        loss_chunk_size=t.loss_chunk_size,
+        lock=lock,
+    )
+    hooks = TrainHooks(cfg, engine, tokenizer)
+    start = hooks.resume()
+    stream = micro_batch_stream(cfg, topo, tokenizer)
+    hooks.skip_data(stream, start)
+    flops_per_sample = model_cost(cfg.model).train_flops
+    peak, peak_source = device_peak_tflops(par.precision)
+    writer = MetricsWriter(out, t.tensorboard) if is_main else None
+    progress = _Progress(t.steps, start, is_main)
+    if is_main:
+        progress.write(
+            f"training {cfg.model.name} on {world} processes (tp={par.tp} pp={par.pp} "
+            f"dp={par.dp}, ZeRO-{par.zero_stage}, {par.precision}), global batch "
+            f"{par.global_batch_size}, {t.steps} steps; peak {peak:.2f} TFLOP/s ({peak_source})"
+        )
+    last: StepResult | None = None
+    t_window, samples_window = time.perf_counter(), 0
+    for _ in range(start, t.steps):
+        batches = [next(stream) for _ in range(par.grad_accum_steps)]
+        last = engine.train_step(batches)
+        samples_window += last.samples
+        if not math.isfinite(last.loss):
+            raise ConfigError(
+                f"loss is {last.loss} at step {last.step}: lower optim.lr or use fp32/bf16"
+            )
+        progress.update(f"loss={last.loss:.4f} scale={last.logit_scale:.1f}")
+        if last.step % t.log_every == 0 or last.step == t.steps:
+            elapsed = time.perf_counter() - t_window
+            sps = samples_window / elapsed
+            tflops = sps * flops_per_sample / world / 1e12
+            record = {
+                "step": last.step,
+                "samples_seen": last.step * par.global_batch_size,
+                "loss": last.loss,
+                "logit_scale": last.logit_scale,
+                "lr": last.lr,
+                "grad_norm": last.grad_norm,
+                "acc_i2t": last.acc_i2t,
+                "acc_t2i": last.acc_t2i,
+                "samples_per_s": sps,
+                "samples_per_s_per_device": sps / world,
+                "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak == peak and peak > 0 else None,
+                "step_time_s": last.step_time,
+                "peak_memory_gib": peak_memory_gib(),
+            }
+            t_window, samples_window = time.perf_counter(), 0
+            if is_main:
+                writer.write(record)
+                progress.write(
+                    f"step {last.step:>6}  loss {last.loss:.4f}  scale {last.logit_scale:6.2f}  "
+                    f"lr {last.lr:.2e}  {sps:8.1f} samples/s  MFU {record['mfu'] or 0:.1%}"
+                )
+        hooks.after_step(last.step, writer, progress)
+    progress.close()
+    summary = hooks.finish(last, writer, progress)
+    if writer is not None:
+        writer.close()
+    return summary
+
+
+class TrainHooks:
+    """Periodic work around the step: zero-shot eval, checkpoints, final export."""
+
+    def __init__(self, cfg: RunConfig, engine: ClipEngine, tokenizer) -> None:
+        self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
+        self.out = Path(cfg.train.out_dir)
+        self.zeroshot_history: list[dict] = []
+
+    # resume / data position -------------------------------------------------
+    def resume(self) -> int:
+        return 0
+
+    def skip_data(self, stream, steps_done: int) -> None:
+        for _ in range(steps_done * self.cfg.parallel.grad_accum_steps):
+            next(stream)
+
+    # periodic -----------------------------------------------------------------
+    def after_step(self, step: int, writer, progress) -> None:
+        zs = self.cfg.zeroshot
+        if zs.every and zs.data and step % zs.every == 0 and step != self.cfg.train.steps:
+            self.zeroshot(step, writer, progress)
+
+    def zeroshot(self, step: int, writer, progress) -> dict | None:
+        from megaclip.train.export import gather_open_clip_state, model_from_open_clip_state
+
+        state = gather_open_clip_state(self.engine)
+        result = None
+        if dist.get_rank() == 0:
+            from megaclip.eval.zeroshot import run_zeroshot
+
+            model = model_from_open_clip_state(self.cfg.model, state)
+            zs = self.cfg.zeroshot
+            result = run_zeroshot(
+                model,
+                self.tokenizer,
+                data=zs.data,
+                classnames=zs.classnames,
+                templates=zs.templates,
+                max_samples=zs.max_samples or None,
+            )
+            record = {"step": step, **{f"zeroshot_{k}": v for k, v in result.items()}}
+            self.zeroshot_history.append(record)
+            if writer is not None:
+                writer.write(record)
+            progress.write(
+                f"step {step:>6}  zero-shot top-1 {result['top1']:.2%}  top-5 "
+                f"{result.get('top5', float('nan')):.2%}  ({result['n']} images)"
+            )
+        dist.barrier()
+        return result
+
+    def finish(self, last: StepResult | None, writer, progress) -> dict | None:
+        from megaclip.train.export import gather_open_clip_state
+
+        final_zs = None
+        if self.cfg.zeroshot.data:
+            final_zs = self.zeroshot(self.cfg.train.steps, writer, progress)
+        state = gather_open_clip_state(self.engine)
+        if dist.get_rank() != 0:
+            return None
+        from megaclip.config.schema import to_dict
+
+        export = self.out / "final_open_clip.pt"
+        torch.save({"model_config": to_dict(self.cfg.model), "state_dict": state}, export)
+        summary = {
+            "steps": last.step if last else 0,
+            "final_loss": last.loss if last else None,
+            "zeroshot": final_zs,
+            "export": str(export),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        print(f"exported the trained model to {export} (open_clip keys)", flush=True)
+        if final_zs is not None:
+            print(f"final zero-shot top-1: {final_zs['top1']:.2%}", flush=True)
+        return summary
