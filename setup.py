@@ -12,7 +12,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megaclip", "megaclip.*"]),
-    package_data={"megaclip": ["config/presets/*.yaml", "tokenizer/*.gz", "data/*.txt"]},
+    package_data={
+        "megaclip": ["config/presets/*.yaml", "tokenizer/*.gz", "data/*.txt", "scaling/data/*.csv"]
+    },
     include_package_data=True,
     # A range, not a pin: GPU users keep the CUDA torch they already have.
     # scripts/install.sh pins the torch build that CPU machines install from local disk.

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"megaclip {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `megaclip ... | head`: the reader left, that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(rc or 0)
 
 
