@@ -29,7 +29,7 @@ def torchrun(
         "--nnodes=1",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
-        str(script),
+        *([str(script)] if str(script) != "-m" else ["-m"]),
         *map(str, args),
     ]
     full_env = dict(os.environ)

@@ -70,3 +70,17 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
     """4 micro-batches of 2 on one process == the single-process batch of 8."""
     losses, state = _run(tmp_path, 1, tp=1, pp=1, micro=2, accum=4)
     _compare(losses, state, 2, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "world, tp, pp, zero", [(2, 1, 2, 1), (2, 1, 1, 2)], ids=["pp2-bf16", "dp2-zero2-bf16"]
+)
+def test_bf16_trains_close_to_fp32_reference(tmp_path, world, tp, pp, zero):
+    micro, accum = (2, 2) if pp > 1 else (4, 1)
+    losses, _ = _run(
+        tmp_path, world, tp=tp, pp=pp, zero=zero, micro=micro, accum=accum, precision="bf16"
+    )
+    ref_losses, _ = reference_run(MODEL, micro * accum * world // (tp * pp), STEPS, SEED)
+    for got, want in zip(losses, ref_losses):
+        assert abs(got - want) <= 0.03 * abs(want), (losses, ref_losses)
+    assert losses[-1] < losses[0]

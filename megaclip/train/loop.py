@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from megaclip.errors import ConfigError
 from megaclip.model.flops import model_cost
 from megaclip.parallel.runtime import init_distributed
 from megaclip.parallel.topology import Topology
-from megaclip.train.ds_config import load_ds_config
+from megaclip.train.ds_config import load_ds_config, resolve_ds_config
 from megaclip.train.engine import ClipEngine, OptimConfig, StepResult
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 
@@ -119,13 +120,20 @@ class _Progress:
 
 def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     """Train ``cfg`` on the launched processes; returns the final summary on rank 0."""
-    rank, world = init_distributed(cfg.train.dist_timeout_s)
+    # Everything that can be wrong with the input is checked before any process group exists.
     ds = load_ds_config(ds_override or cfg.deepspeed)
     par = cfg.parallel
     if "activation_checkpointing" in ds and not par.activation_checkpointing:
         par = dataclasses.replace(par, activation_checkpointing=True)
-    par.check_world(world)
+    par.check_world(int(os.environ.get("WORLD_SIZE", "1")))
+    resolve_ds_config(ds, par, gradient_clipping=cfg.optim.grad_clip)
     cfg = dataclasses.replace(cfg, parallel=par)
+    tokenizer = _tokenizer(cfg)
+    if cfg.data.kind == "webdataset":
+        from megaclip.data import resolve_shards
+
+        resolve_shards(cfg.data.train)
+    rank, world = init_distributed(cfg.train.dist_timeout_s)
     topo = Topology(par, timeout_minutes=max(1, int(cfg.train.dist_timeout_s // 60)))
     out = Path(cfg.train.out_dir)
     is_main = rank == 0
@@ -136,7 +144,6 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
         text = yaml.safe_dump(resolved, sort_keys=False)
         (out / "config.yaml").write_text(text, encoding="utf-8")
         print("resolved config:\n" + text, flush=True)
-    tokenizer = _tokenizer(cfg)
     o, t = cfg.optim, cfg.train
     lock = "image" if t.lock_image else "text" if t.lock_text else None
     engine = ClipEngine(
