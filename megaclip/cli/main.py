@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megaclip",
         description="Train giant CLIP models with tensor, pipeline and ZeRO data parallelism.",
     )
+    # The deepspeed launcher passes --local_rank=N before the sub-command; LOCAL_RANK has it too.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
