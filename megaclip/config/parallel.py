@@ -29,6 +29,9 @@ class ParallelConfig:
     grad_accum_steps: int = 1
     precision: Precision = "fp32"
     activation_checkpointing: bool = False
+    # PP > 1: "global" = one pass (GPipe order + one global-loss step); "gradcache" = a no-grad
+    # feature pass then DeepSpeed's stock 1F1B schedule (two forwards, fewer live activations).
+    pipeline_schedule: Literal["global", "gradcache"] = "global"
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "micro_batch_size", "grad_accum_steps"):

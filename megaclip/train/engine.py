@@ -86,14 +86,19 @@ def lock_tower(module: torch.nn.Module, tower: str) -> int:
 
 
 class _LastStageLoss:
-    """The pipeline's loss_fn: collects features (no-grad pass) or runs the surrogate backward."""
+    """The pipeline's loss_fn: collects the outputs, or runs the cached-gradient surrogate.
+
+    With ``collected`` set, outputs are appended (graphs alive unless ``detach``) and a zero is
+    returned; otherwise the label is the cached gradient and the surrogate is returned.
+    """
 
     def __init__(self) -> None:
         self.collected: list[torch.Tensor] | None = None
+        self.detach = False
 
     def __call__(self, outputs: torch.Tensor, cached_grad: torch.Tensor) -> torch.Tensor:
         if self.collected is not None:
-            self.collected.append(outputs.detach())
+            self.collected.append(outputs.detach() if self.detach else outputs)
             return outputs.new_zeros(())
         return cached_grad_loss(outputs, cached_grad)
 
@@ -169,6 +174,11 @@ class ClipEngine:
         )
         self.device = device()
         self.step_count = 0
+        self.pipeline_schedule = par.pipeline_schedule
+        if par.pp > 1 and par.pipeline_schedule == "global":
+            from megaclip.pipeline.engine import enable_global_loss
+
+            enable_global_loss(self.engine, self._pipeline_global_loss)
 
     # ---------------------------------------------------------------- helpers
 
@@ -224,8 +234,10 @@ class ClipEngine:
         t0 = time.perf_counter()
         if self.par.pp == 1:
             metrics, t_feat = self._step_plain(batches)
+        elif self.pipeline_schedule == "global":
+            metrics, t_feat = self._step_pipeline_global(batches)
         else:
-            metrics, t_feat = self._step_pipeline(batches)
+            metrics, t_feat = self._step_pipeline_gradcache(batches)
         self._sync()
         t_end = time.perf_counter()
         lr = self.engine.get_lr()[0] if hasattr(self.engine, "get_lr") else float("nan")
@@ -266,35 +278,66 @@ class ClipEngine:
             engine.step()
         return self._metrics(out, scale, True), t_feat
 
-    def _step_pipeline(self, batches: list[MicroBatch]):
+    def _cached_grads(self, feats: list[torch.Tensor]):
+        """Global loss over the last stage's outputs -> per-micro-batch cached gradients."""
+        e, accum, b = self.cfg.embed_dim, len(feats), feats[0].shape[0]
+        parts = [split_outputs(f.detach().float(), e) for f in feats]
+        img = torch.cat([p[0] for p in parts])
+        txt = torch.cat([p[1] for p in parts])
+        scale = parts[0][2]
+        out, g_img, g_txt, g_scale = self._global_loss(img, txt, scale)
+        per_row = (g_scale / (accum * b)).expand(b, 1)
+        rows = [slice(k * b, (k + 1) * b) for k in range(accum)]
+        cached = [
+            accum * torch.cat([g_img[r], g_txt[r], per_row], dim=1).to(self.device) for r in rows
+        ]
+        return cached, self._metrics(out, scale, True)
+
+    def _pipeline_global_loss(self) -> list[torch.Tensor]:
+        """GlobalLoss instruction: surrogate losses for the m collected outputs (last stage)."""
+        feats = self.last_stage_loss.collected
+        cached, self._step_metrics = self._cached_grads(feats)
+        self._t_global_loss = time.perf_counter()
+        return [cached_grad_loss(f, g.to(f.dtype)) for f, g in zip(feats, cached)]
+
+    def _step_pipeline_global(self, batches: list[MicroBatch]):
+        """One pipelined pass: m forwards, the global loss, m backwards (GlobalLossSchedule)."""
+        b, e = batches[0][0].shape[0], self.cfg.embed_dim
+        dummy = torch.zeros(b, 2 * e + 1, device=self.device)
+        self._step_metrics = torch.zeros(4, dtype=torch.float64)
+        self._t_global_loss = time.perf_counter()
+        loss_fn = self.last_stage_loss
+        loss_fn.collected, loss_fn.detach = [], False
+        try:
+            self.engine.train_batch(iter([(mb, dummy) for mb in batches]))
+        finally:
+            loss_fn.collected = None
+        metrics = self._step_metrics
+        src = dist.get_process_group_ranks(self.topo.pp_group)[-1]
+        dist.broadcast(metrics, src=src, group=self.topo.pp_group)
+        return metrics, self._t_global_loss
+
+    def _step_pipeline_gradcache(self, batches: list[MicroBatch]):
+        """Two pipelined passes: no-grad features, then stock 1F1B with cached gradients."""
         engine, accum, e = self.engine, len(batches), self.cfg.embed_dim
         b = batches[0][0].shape[0]
         last = self.topo.is_last_stage
         dummy = torch.zeros(b, 2 * e + 1, device=self.device)
         rng = torch.get_rng_state()
-        self.last_stage_loss.collected = feats = []
-        engine.eval_batch(
-            iter([(mb, dummy) for mb in batches]), reduce_output=None, bcast_loss=False
-        )
-        self.last_stage_loss.collected = None
+        loss_fn = self.last_stage_loss
+        loss_fn.collected, loss_fn.detach = [], True
+        try:
+            engine.eval_batch(
+                iter([(mb, dummy) for mb in batches]), reduce_output=None, bcast_loss=False
+            )
+            feats = loss_fn.collected
+        finally:
+            loss_fn.collected = None
         torch.set_rng_state(rng)  # the second forward replays the same random patch dropout
         cached = [dummy] * accum
         metrics = torch.zeros(4, dtype=torch.float64)
         if last:
-            parts = [split_outputs(f.float(), e) for f in feats]
-            img = torch.cat([p[0] for p in parts])
-            txt = torch.cat([p[1] for p in parts])
-            scale = parts[0][2]
-            out, g_img, g_txt, g_scale = self._global_loss(img, txt, scale)
-            per_row = (g_scale / (accum * b)).expand(b, 1)
-            cached = [
-                accum
-                * torch.cat(
-                    [g_img[k * b : (k + 1) * b], g_txt[k * b : (k + 1) * b], per_row], dim=1
-                ).to(self.device)
-                for k in range(accum)
-            ]
-            metrics = self._metrics(out, scale, True)
+            cached, metrics = self._cached_grads(feats)
         t_feat = time.perf_counter()
         engine.train_batch(iter([(mb, g) for mb, g in zip(batches, cached)]))
         # Every rank reports the same numbers: broadcast them from the last stage.

@@ -30,6 +30,7 @@ def main(out_dir: str, spec_json: str) -> None:
         grad_accum_steps=spec["accum"],
         precision=spec.get("precision", "fp32"),
         activation_checkpointing=spec.get("recompute", False),
+        pipeline_schedule=spec.get("schedule", "global"),
     )
     topo = Topology(par)
     cfg = load_preset(spec["model"])
