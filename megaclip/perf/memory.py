@@ -18,7 +18,7 @@ wrapper             params      gradients              optimizer        step tra
 ==================  ==========  =====================  ===============  =====================
 torch (fp32, Z0)    4n          4n                     8n (Adam m, v)   4 AR bucket
 fp16_optimizer      2n          2n                     12n              4n + 2 AR bucket
-bf16_optimizer      2n          2n + g n (hp buffer)   12n / d          4n / d if g = 2
+bf16_optimizer      2n          2n + g n (hp buffer)   12n / d          4n/d (g = 2) + 2 AR b.
 zero (stage 1)      w n         g n                    12n / d          4n / d + w bucket
 zero (stage 2)      w n         g n / d + 2 g bucket   12n / d          4n / d + w bucket
 zero (stage 3)      w n / d     g n / d + 2 g bucket   12n / d          4n / d + w bucket
