@@ -1,0 +1,281 @@
+"""`megaclip plan`: rank parallel layouts of a model on a GPU cluster by predicted throughput.
+
+Examples:
+    megaclip plan --model ViT-G-14 --gpus 1024 --gpu a100-40gb --global-batch 160k
+    megaclip plan --model ViT-G-14 --gpus 256 --gpu h100-80gb --out-dir plan/   # + ds_config.json
+    megaclip plan --calibrate                                                  # model vs papers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from megaclip.config.model import resolve_model
+from megaclip.errors import ConfigError
+from megaclip.model.flops import model_cost
+from megaclip.perf.calibration import (
+    BAND,
+    CALIBRATED,
+    CROSS_CHECK,
+    RUNS,
+    cross_check_ratio,
+    fit,
+    predict,
+)
+from megaclip.perf.devices import DEVICES, get_device
+from megaclip.perf.planner import (
+    GIB,
+    PlanRequest,
+    PlanResult,
+    deepspeed_config,
+    launch_command,
+    nothing_fits_message,
+    parse_batch,
+    plan,
+)
+from megaclip.perf.timing import Cluster
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="choose TP/PP/DP/ZeRO/micro-batch for a model on N GPUs (analytic model)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="preset name (e.g. ViT-G-14) or a model YAML/JSON file")
+    p.add_argument("--gpus", type=int, help="total number of GPUs")
+    p.add_argument("--gpu", help=f"GPU kind: {', '.join(DEVICES)}")
+    p.add_argument(
+        "--global-batch", default="32k", help="global batch: 163840, 160k (k = 1024) or 1e5"
+    )
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out-dir", help="write ds_config.json, launch.sh and plan.json of the best")
+    p.add_argument("--gpus-per-node", type=int, help="default: the GPU kind's usual node (8)")
+    p.add_argument("--internode-gbps", type=float, help="network GB/s per GPU per direction")
+    p.add_argument(
+        "--memory-margin",
+        type=float,
+        default=0.10,
+        help="fraction of GPU memory kept free (default 0.10), besides 2 GiB reserved",
+    )
+    p.add_argument(
+        "--schedule",
+        default="gpipe",
+        choices=("gpipe", "gradcache"),
+        help="exact-loss schedule: gpipe keeps all micro-batches alive (default); gradcache "
+        "runs a no-grad feature pass first",
+    )
+    p.add_argument("--matmul-eff", type=float, help="override the calibrated matmul efficiency")
+    p.add_argument("--memory-eff", type=float, help="override the calibrated memory efficiency")
+    p.add_argument("--train-config", default="train.yaml", help="config named in launch command")
+    p.add_argument(
+        "--calibrate", action="store_true", help="show the model against the published runs"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.calibrate:
+        return _calibrate(args.json)
+    missing = [f"--{n}" for n in ("model", "gpus", "gpu") if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"plan needs {', '.join(missing)} (or --calibrate)")
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
+    if not 0 <= args.memory_margin < 1:
+        raise ConfigError(f"--memory-margin must be in [0, 1), got {args.memory_margin}")
+    device = get_device(args.gpu)
+    eff = CALIBRATED
+    if args.matmul_eff is not None:
+        eff = replace(eff, matmul=args.matmul_eff)
+    if args.memory_eff is not None:
+        eff = replace(eff, memory=args.memory_eff)
+    if not (0 < eff.matmul <= 1 and 0 < eff.memory <= 1):
+        raise ConfigError("--matmul-eff and --memory-eff must be in (0, 1]")
+    req = PlanRequest(
+        model=resolve_model(args.model),
+        cluster=Cluster(device, args.gpus, args.gpus_per_node, args.internode_gbps),
+        global_batch=parse_batch(args.global_batch),
+        precision=args.precision,
+        efficiency=eff,
+        memory_margin=args.memory_margin,
+        schedule=args.schedule,
+    )
+    result = plan(req)
+    if not result.feasible:
+        raise ConfigError(nothing_fits_message(result))
+    if args.json:
+        print(json.dumps(_as_json(result, args.top), indent=2))
+    else:
+        _print_table(result, args.top, args.global_batch)
+    if args.out_dir:
+        written = _write_out(result, Path(args.out_dir), args.train_config, args.top)
+        if not args.json:
+            print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _header(result: PlanResult) -> dict[str, object]:
+    req = result.request
+    cost = model_cost(req.model)
+    return {
+        "model": req.model.name,
+        "params": cost.params_total,
+        "gmacs_per_sample": round(cost.gmacs, 2),
+        "gpus": req.cluster.gpus,
+        "gpu": req.cluster.device.name,
+        "gpus_per_node": req.cluster.node_size,
+        "global_batch_requested": req.global_batch,
+        "precision": req.precision,
+        "schedule": req.schedule,
+        "usable_gib": round(req.usable_bytes / GIB, 2),
+        "efficiency": asdict(req.efficiency),
+        "evaluated": result.tried,
+        "feasible": len(result.feasible),
+    }
+
+
+def _as_json(result: PlanResult, top: int) -> dict[str, object]:
+    out = _header(result)
+    out["plans"] = [c.row() for c in result.feasible[:top]]
+    best = result.best
+    out["best_memory_per_stage"] = [m.as_dict() for m in best.memory]
+    out["best_step"] = best.time.as_dict() if best.time else None
+    out["deepspeed_config"] = deepspeed_config(best.par)
+    out["launch"] = launch_command(best.par, result.request.cluster.node_size)
+    return out
+
+
+def _print_table(result: PlanResult, top: int, batch_text: str) -> None:
+    h = _header(result)
+    req = result.request
+    nodes = -(-req.cluster.gpus // req.cluster.node_size)
+    eff = req.efficiency
+    print(
+        f"{h['model']}: {h['params'] / 1e6:.1f}M params, {h['gmacs_per_sample']} GMACs/sample "
+        f"on {req.cluster.gpus} x {req.cluster.device.name} ({nodes} node(s) of "
+        f"{req.cluster.node_size})"
+    )
+    print(
+        f"global batch {req.global_batch} (from '{batch_text}'), {req.precision}, schedule "
+        f"{req.schedule}, planning for {h['usable_gib']} GiB per GPU"
+    )
+    print(
+        f"efficiency: matmul {eff.matmul:.3f}, memory {eff.memory:.3f} "
+        f"(see `megaclip plan --calibrate`); {result.tried} layouts evaluated, "
+        f"{len(result.feasible)} fit"
+    )
+    cols = (
+        f"{'#':>3} {'tp':>2} {'pp':>3} {'dp':>5} {'zero':>4} {'micro':>5} {'accum':>5} "
+        f"{'ckpt':>4} {'gbatch':>7} {'mem GiB':>7} {'step s':>7} {'samples/s':>9} "
+        f"{'/GPU':>7} {'MFU':>6} {'bubble':>6} {'comm s':>6}"
+    )
+    print(cols)
+    for i, c in enumerate(result.feasible[:top], 1):
+        p, t = c.par, c.time
+        assert t is not None
+        comm = t.tp_s + t.pp_s + t.loss_s + t.dp_exposed_s
+        print(
+            f"{i:>3} {p.tp:>2} {p.pp:>3} {p.dp:>5} {p.zero_stage:>4} {p.micro_batch_size:>5} "
+            f"{p.grad_accum_steps:>5} {'on' if p.activation_checkpointing else 'off':>4} "
+            f"{p.global_batch_size:>7} {c.peak_bytes / GIB:>7.1f} {t.total_s:>7.2f} "
+            f"{t.samples_per_s:>9.0f} {t.samples_per_s_per_gpu:>7.2f} {t.mfu:>6.1%} "
+            f"{t.bubble_fraction:>6.1%} {comm:>6.2f}"
+        )
+    best = result.best
+    assert best.time is not None
+    t = best.time
+    print(
+        f"best: compute {t.compute_s:.2f} s + TP {t.tp_s:.2f} + PP {t.pp_s:.2f} + bubble "
+        f"{t.bubble_s:.2f} + loss {t.loss_s:.2f} + DP exposed {t.dp_exposed_s:.2f} + optimizer "
+        f"{t.optimizer_s:.2f} = {t.total_s:.2f} s/step"
+    )
+    print("launch: " + launch_command(best.par, req.cluster.node_size))
+
+
+def _write_out(result: PlanResult, out: Path, train_config: str, top: int) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    best = result.best
+    ds_path = out / "ds_config.json"
+    ds_path.write_text(json.dumps(deepspeed_config(best.par), indent=2) + "\n")
+    launch = out / "launch.sh"
+    cmd = launch_command(best.par, result.request.cluster.node_size, train_config, str(ds_path))
+    launch.write_text(
+        "#!/usr/bin/env bash\n"
+        f"# written by `megaclip plan` for {result.request.model.name} on "
+        f"{result.request.cluster.gpus} x {result.request.cluster.device.name}\n"
+        f"set -euo pipefail\n{cmd}\n"
+    )
+    os.chmod(launch, 0o755)
+    plan_path = out / "plan.json"
+    plan_path.write_text(json.dumps(_as_json(result, top), indent=2) + "\n")
+    return [ds_path, launch, plan_path]
+
+
+def _calibrate(as_json: bool) -> int:
+    refit = fit()
+    rows = []
+    for r in RUNS:
+        pred = predict(r, CALIBRATED)
+        pub_mfu = pred.mfu * r.samples_per_s_per_gpu / pred.samples_per_s_per_gpu
+        rows.append(
+            {
+                "run": r.name,
+                "model": r.model,
+                "gpus": r.gpus,
+                "gpu": r.device,
+                "global_batch": r.global_batch,
+                "published_samples_per_s_per_gpu": round(r.samples_per_s_per_gpu, 2),
+                "predicted_samples_per_s_per_gpu": round(pred.samples_per_s_per_gpu, 2),
+                "error": round(pred.samples_per_s_per_gpu / r.samples_per_s_per_gpu - 1, 4),
+                "published_mfu": round(pub_mfu, 4),
+                "predicted_mfu": round(pred.mfu, 4),
+                "source": r.source,
+            }
+        )
+    ratio = cross_check_ratio(CALIBRATED)
+    summary = {
+        "runs": rows,
+        "calibrated": {"matmul": CALIBRATED.matmul, "memory": CALIBRATED.memory},
+        "refit": {"matmul": round(refit.matmul, 4), "memory": round(refit.memory, 4)},
+        "band": BAND,
+        "cross_check": {
+            "what": f"{CROSS_CHECK.model} samples/s on {CROSS_CHECK.gpus} H100 / A100-80GB",
+            "published": round(CROSS_CHECK.ratio, 3),
+            "predicted": round(ratio, 3),
+            "source": CROSS_CHECK.source,
+        },
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print("step-time model vs published runs (fitted: two runs, two constants)")
+    print(
+        f"{'run':<32} {'model':<9} {'GPUs':>5} {'gpu':<10} {'batch':>7} {'published':>9} "
+        f"{'predicted':>9} {'error':>7} {'MFU pub':>7} {'MFU pred':>8}"
+    )
+    for row in rows:
+        print(
+            f"{row['run']:<32} {row['model']:<9} {row['gpus']:>5} {row['gpu']:<10} "
+            f"{row['global_batch']:>7} {row['published_samples_per_s_per_gpu']:>9.2f} "
+            f"{row['predicted_samples_per_s_per_gpu']:>9.2f} {row['error']:>+7.1%} "
+            f"{row['published_mfu']:>7.1%} {row['predicted_mfu']:>8.1%}"
+        )
+    print("(samples/s per GPU; MFU = samples/s/GPU x 6 x MACs / dense bf16 peak)")
+    print(
+        f"constants: matmul {CALIBRATED.matmul}, memory {CALIBRATED.memory} "
+        f"(a refit now gives {refit.matmul:.4f}, {refit.memory:.4f}); band +-{BAND:.0%}"
+    )
+    cc = summary["cross_check"]
+    print(
+        f"cross-check, not fitted: {cc['what']}: published {cc['published']:.2f}, "
+        f"model {cc['predicted']:.2f} ({cc['predicted'] / cc['published'] - 1:+.0%})"
+    )
+    return 0

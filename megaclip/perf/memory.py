@@ -1,0 +1,473 @@
+"""Per-rank memory of one training layout: parameters, gradients, optimizer states, activations.
+
+All functions are pure and return bytes (parameter counts where the name says so).
+
+Tensor parallelism (t ranks): QKV and fc1 (weights and biases) are column-split, out-proj and
+fc2 weights row-split; their biases, both LayerNorms, the embeddings, ln_pre/ln_post/ln_final,
+the projections and ``logit_scale`` are replicated, i.e. counted in full on every TP rank.
+
+Pipeline parallelism: a stage holds vision blocks [a, b) and text blocks [c, d); stage 0 also
+the patch/token/position embeddings, class token and ln_pre; the last stage ln_post + proj,
+ln_final + text_projection and ``logit_scale``.
+
+Model states follow what DeepSpeed 0.19.8 allocates (see :func:`optimizer_wrapper`); with
+``w`` bytes per 16/32-bit parameter, ``n`` parameters on the rank and ``d`` data-parallel ranks:
+
+==================  ==========  =====================  ===============  =====================
+wrapper             params      gradients              optimizer        step transient
+==================  ==========  =====================  ===============  =====================
+torch (fp32, Z0)    4n          4n                     8n (Adam m, v)   4 AR bucket
+fp16_optimizer      2n          2n                     12n              4n + 2 AR bucket
+bf16_optimizer      2n          2n + g n (hp buffer)   12n / d          4n/d (g = 2) + 2 AR b.
+zero (stage 1)      w n         g n                    12n / d          4n / d + w bucket
+zero (stage 2)      w n         g n / d + 2 g bucket   12n / d          4n / d + w bucket
+zero (stage 3)      w n / d     g n / d + 2 g bucket   12n / d          4n / d + w bucket
+                    + 2 blocks
+==================  ==========  =====================  ===============  =====================
+
+``g`` = bytes of an accumulated gradient: ``w`` (DeepSpeed's default ``grad_accum_dtype``) or 4.
+12 = fp32 master copy (4) + Adam m and v (8): the "16 bytes per parameter" of mixed precision
+(2 + 2 + 12), 18 when gradients are accumulated in fp32 (``g = 4``). "AR bucket": the ZeRO-0
+wrappers flatten up to 5e8 gradients for their all-reduce; "bucket": 5e7 elements (planner's
+``reduce_bucket_size`` / ``allgather_bucket_size``). ZeRO-1/2 keep a separate
+fp32 partition even for fp32 models (``single_partition_of_fp32_groups``), hence 12n/d there too.
+``bf16_optimizer`` (DeepSpeed's BF16_Optimizer, used by the pipeline engine with bf16 at ZeRO-0)
+partitions its fp32 master and Adam states over DP although it is "stage 0", and keeps the
+low-precision ``.grad`` *and* a full high-precision accumulation buffer of dtype ``g``.
+The step transient exists only inside ``optimizer.step()``, when activations are gone, so the
+peak is ``states + max(activations + loss, step transient)``.
+
+Activations (bytes per micro-batch per block, ``a`` bytes per activation element, tokens
+``T = b * S``, TP size ``t``, heads ``h``), with fused (flash / memory-efficient) attention:
+
+    saved = T * [a * (4W + 4W/t + 2M/t) + 4 h/t + 4 * 4]
+
+4W: inputs of ln_1, QKV, ln_2, fc1 (replicated under TP, no sequence parallelism); 4W/t: the QKV
+output (q, k, v are views of it) and the attention output (its [B, S, D/t] re-layout is a view,
+not a copy); 2M/t: GELU input and output; fp32 log-sum-exp per local head; fp32 mean and rstd of
+the two LayerNorms (CUDA keeps them in fp32; CPU in the input dtype). Checked against the
+tensors autograd actually saves for a megaclip block on CPU (tests/test_perf_memory.py).
+With activation checkpointing a block keeps only its input ``a * T * W``; backward recomputes
+one block at a time, so one block's full activations (plus two input-sized gradient buffers)
+are live on top.
+
+Schedule assumption: megaclip's exact global-batch loss (GPipe order: all m forwards, the loss
+over the whole global batch, then m backwards; the same with PP = 1 and gradient accumulation)
+keeps the saved activations of *all m micro-batches* alive at the peak, on every stage, not only
+the first. The last stage (every rank when PP = 1) also holds the gathered features of the
+global batch N for the loss: 2 * N * E fp32 values, their gradients, and a [rows, chunk]
+logits block of the chunked loss (rows = m * b, chunk = LOSS_CHUNK). The alternative "gradcache"
+schedule (features from a no-grad pass first, then DeepSpeed's stock 1F1B) keeps min(m, P - s)
+micro-batches alive on stage s at the price of one more forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
+from megaclip.config.parallel import ParallelConfig
+from megaclip.errors import ConfigError
+from megaclip.parallel.shapes import check_tensor_parallel
+
+#: DeepSpeed buckets written by the planner's config (elements): reduce/all-gather bucket size.
+BUCKET_ELEMS = 50_000_000
+#: DeepSpeed's fallback all-reduce buffer for ZeRO-0 wrappers (MEMORY_OPT_ALLREDUCE_SIZE).
+ALLREDUCE_FALLBACK_ELEMS = 500_000_000
+#: Column chunk of the chunked contrastive loss (an assumption; the loss module may differ).
+LOSS_CHUNK = 8192
+
+
+def bytes_per_element(precision: str) -> int:
+    """2 for bf16/fp16, 4 for fp32."""
+    return 4 if precision == "fp32" else 2
+
+
+# ---------------------------------------------------------------- parameter counts per TP rank
+
+
+def block_params_per_rank(width: int, mlp_dim: int, tp: int) -> int:
+    """Parameters of one block on one TP rank: (4W^2 + 3W + 2WM + M)/t split + 6W replicated.
+
+    Split: QKV weight + bias (3W^2 + 3W), out-proj weight (W^2), fc1 weight + bias (WM + M),
+    fc2 weight (MW). Replicated: out-proj and fc2 biases (2W), two LayerNorms (4W).
+    """
+    split = 4 * width * width + 3 * width + 2 * width * mlp_dim + mlp_dim
+    if split % tp:
+        raise ConfigError(f"tensor parallel size {tp} does not divide a block of width {width}")
+    return split // tp + 6 * width
+
+
+def vision_embed_params(v: VisionConfig) -> int:
+    """Patch conv (no bias), class token, positional embedding, ln_pre (replicated under TP)."""
+    return v.channels * v.patch_size**2 * v.width + v.width + v.seq_len * v.width + 2 * v.width
+
+
+def text_embed_params(t: TextConfig) -> int:
+    """Token embedding (not vocab-parallel: replicated) and positional embedding."""
+    return t.vocab_size * t.width + t.context_length * t.width
+
+
+def vision_head_params(v: VisionConfig, embed_dim: int) -> int:
+    """ln_post and the image projection."""
+    return 2 * v.width + v.width * embed_dim
+
+
+def text_head_params(t: TextConfig, embed_dim: int) -> int:
+    """ln_final and the text projection."""
+    return 2 * t.width + t.width * embed_dim
+
+
+def _check_range(name: str, r: tuple[int, int], layers: int) -> None:
+    a, b = r
+    if not 0 <= a <= b <= layers:
+        raise ConfigError(f"{name} block range [{a}, {b}) is outside [0, {layers}]")
+
+
+def stage_param_count(
+    cfg: ClipConfig,
+    tp: int,
+    vision_range: tuple[int, int],
+    text_range: tuple[int, int],
+    first: bool,
+    last: bool,
+) -> int:
+    """Exact parameters held by one TP rank of a pipeline stage with the given block ranges.
+
+    Blocks count :func:`block_params_per_rank`; ``first`` adds both towers' embeddings (and
+    ln_pre), ``last`` both heads and ``logit_scale``. With tp = 1 and one stage holding
+    everything this equals ``model_cost(cfg).params_total``.
+    """
+    check_tensor_parallel(cfg, tp)
+    _check_range("vision", vision_range, cfg.vision.layers)
+    _check_range("text", text_range, cfg.text.layers)
+    v, t = cfg.vision, cfg.text
+    n = (vision_range[1] - vision_range[0]) * block_params_per_rank(v.width, v.mlp_dim, tp)
+    n += (text_range[1] - text_range[0]) * block_params_per_rank(t.width, t.mlp_dim, tp)
+    if first:
+        n += vision_embed_params(v) + text_embed_params(t)
+    if last:
+        n += vision_head_params(v, cfg.embed_dim) + text_head_params(t, cfg.embed_dim) + 1
+    return n
+
+
+# ---------------------------------------------------------------- stage layouts
+
+
+class StageLike(Protocol):
+    """Anything with block ranges and first/last flags (e.g. megaclip.pipeline's StagePlan)."""
+
+    @property
+    def vision(self) -> tuple[int, int]: ...
+
+    @property
+    def text(self) -> tuple[int, int]: ...
+
+    @property
+    def first(self) -> bool: ...
+
+    @property
+    def last(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class StageRanges:
+    """Vision blocks [a, b) and text blocks [c, d) of stage ``index`` out of ``num_stages``."""
+
+    index: int
+    num_stages: int
+    vision: tuple[int, int]
+    text: tuple[int, int]
+
+    @property
+    def first(self) -> bool:
+        """Stage 0 (holds the embeddings)."""
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        """The last stage (holds the heads, logit_scale and the loss)."""
+        return self.index == self.num_stages - 1
+
+
+def _split(n: int, parts: int, extra_last: bool) -> list[int]:
+    base, rem = divmod(n, parts)
+    counts = [base] * parts
+    order = range(parts - 1, parts - 1 - rem, -1) if extra_last else range(rem)
+    for i in order:
+        counts[i] += 1
+    return counts
+
+
+def even_stages(cfg: ClipConfig, pp: int) -> tuple[StageRanges, ...]:
+    """An even approximation of the FLOP-balanced partition: each tower split into pp ranges.
+
+    Every stage gets floor or ceil of L/pp blocks of each tower; leftover vision blocks go to the
+    last stages (stage 0 also runs the patch embedding), leftover text blocks to the first ones,
+    so the two remainders land on different stages. Exact when pp divides both depths.
+    """
+    if not 1 <= pp <= cfg.vision.layers + cfg.text.layers:
+        raise ConfigError(
+            f"cannot split {cfg.vision.layers} vision + {cfg.text.layers} text blocks "
+            f"into {pp} pipeline stages"
+        )
+    nv = _split(cfg.vision.layers, pp, extra_last=True)
+    nt = _split(cfg.text.layers, pp, extra_last=False)
+    stages, v0, t0 = [], 0, 0
+    for s in range(pp):
+        stages.append(StageRanges(s, pp, (v0, v0 + nv[s]), (t0, t0 + nt[s])))
+        v0, t0 = v0 + nv[s], t0 + nt[s]
+    return tuple(stages)
+
+
+def stage_params(cfg: ClipConfig, tp: int, stage: StageLike) -> int:
+    """:func:`stage_param_count` for a stage object."""
+    return stage_param_count(cfg, tp, stage.vision, stage.text, stage.first, stage.last)
+
+
+# ---------------------------------------------------------------- model states
+
+
+def optimizer_wrapper(par: ParallelConfig, grad_accum_fp32: bool = False) -> str:
+    """Which DeepSpeed 0.19.8 optimizer wrapper a layout gets (engine._do_optimizer_sanity_check).
+
+    ZeRO >= 1 -> "zero" ("bf16_optimizer" for bf16 + ZeRO-1 + fp32 gradient accumulation);
+    ZeRO-0: fp32 -> "torch"; bf16 under the pipeline engine -> "bf16_optimizer"; other
+    16-bit -> "fp16_optimizer" (DeepSpeed's FP16_Optimizer, also for bf16 with PP = 1).
+    """
+    mixed = par.precision != "fp32"
+    if par.zero_stage >= 1:
+        if par.precision == "bf16" and grad_accum_fp32 and par.zero_stage == 1:
+            return "bf16_optimizer"
+        return "zero"
+    if not mixed:
+        return "torch"
+    if grad_accum_fp32:
+        raise ConfigError(
+            "DeepSpeed 0.19.8 rejects fp32 gradient accumulation with 16-bit parameters at "
+            "ZeRO stage 0; use zero_stage: 1"
+        )
+    if par.precision == "bf16" and par.pp > 1:
+        return "bf16_optimizer"
+    return "fp16_optimizer"
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of model states on one rank, and the extra bytes live only during optimizer.step()."""
+
+    params: float
+    grads: float
+    optimizer: float
+    step_transient: float
+
+    @property
+    def resident(self) -> float:
+        """Bytes held for the whole step: params + grads + optimizer states."""
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(
+    n: int,
+    par: ParallelConfig,
+    *,
+    grad_accum_fp32: bool = False,
+    zero3_live_params: int = 0,
+) -> StateBytes:
+    """Parameter, gradient and optimizer bytes of a rank holding ``n`` parameters (table above).
+
+    ``zero3_live_params``: parameters ZeRO-3 holds gathered at once (current + prefetched block).
+    """
+    d = par.dp
+    w = bytes_per_element(par.precision)
+    g = 4 if grad_accum_fp32 else w
+    wrapper = optimizer_wrapper(par, grad_accum_fp32)
+    bucket = min(n, BUCKET_ELEMS)
+    if wrapper == "torch":
+        return StateBytes(4 * n, 4 * n, 8 * n, 4 * min(n, ALLREDUCE_FALLBACK_ELEMS))
+    if wrapper == "fp16_optimizer":
+        ar = 2 * min(n, ALLREDUCE_FALLBACK_ELEMS)
+        return StateBytes(2 * n, 2 * n, 12 * n, 4 * n + ar)
+    if wrapper == "bf16_optimizer":
+        transient = (4 * n / d if g == 2 else 0) + 2 * min(n, ALLREDUCE_FALLBACK_ELEMS)
+        return StateBytes(2 * n, (2 + g) * n, 12 * n / d, transient)
+    transient = 4 * n / d + w * bucket  # fp32 gradient partition + all-gather bucket
+    if par.zero_stage == 1:
+        return StateBytes(w * n, g * n, 12 * n / d, transient)
+    if par.zero_stage == 2:
+        return StateBytes(w * n, g * n / d + 2 * g * bucket, 12 * n / d, transient)
+    return StateBytes(
+        w * n / d + w * zero3_live_params, g * n / d + 2 * g * bucket, 12 * n / d, transient
+    )
+
+
+# ---------------------------------------------------------------- activations
+
+
+def block_activation_bytes(
+    tokens: int,
+    width: int,
+    mlp_dim: int,
+    heads: int,
+    tp: int,
+    act_bytes: int,
+    stats_bytes: int = 4,
+) -> float:
+    """Saved activations of one block for T = b * S tokens: T [a (4W + 4W/t + 2M/t) + 4h/t + 4s].
+
+    ``stats_bytes`` (s): bytes of a LayerNorm mean/rstd value (4 on CUDA, the dtype's on CPU).
+    """
+    per_token = act_bytes * (4 * width + (4 * width + 2 * mlp_dim) / tp)
+    per_token += 4 * heads / tp + 4 * stats_bytes
+    return tokens * per_token
+
+
+def alive_micro_batches(par: ParallelConfig, stage_index: int, schedule: str = "gpipe") -> int:
+    """Micro-batches whose activations are alive at the peak on stage ``stage_index``.
+
+    "gpipe" (megaclip's exact global loss): all m, on every stage. "gradcache" (features from a
+    no-grad pass, then DeepSpeed's stock 1F1B schedule): min(m, P - stage_index).
+    """
+    if schedule == "gpipe":
+        return par.grad_accum_steps
+    if schedule == "gradcache":
+        return min(par.grad_accum_steps, par.pp - stage_index)
+    raise ConfigError(f"unknown schedule '{schedule}'; valid: gpipe, gradcache")
+
+
+def stage_activation_bytes(
+    cfg: ClipConfig, par: ParallelConfig, stage: StageLike, micro_batches: int | None = None
+) -> float:
+    """Peak activation bytes of one stage rank with ``micro_batches`` (default: accum) alive.
+
+    Stored per micro-batch: every block's saved activations (or only its input when
+    checkpointing), stage 0's embedding outputs, the stage's output kept for its gradient
+    (PP > 1). Working set on top: one block's full activations being recomputed (checkpointing)
+    plus two input-sized gradient buffers of the widest block.
+    """
+    m = par.grad_accum_steps if micro_batches is None else micro_batches
+    b, t, a = par.micro_batch_size, par.tp, bytes_per_element(par.precision)
+    v, x = cfg.vision, cfg.text
+    tv, tt = b * v.seq_len, b * x.context_length
+    nv = stage.vision[1] - stage.vision[0]
+    nt = stage.text[1] - stage.text[0]
+    full_v = block_activation_bytes(tv, v.width, v.mlp_dim, v.heads, t, a)
+    full_t = block_activation_bytes(tt, x.width, x.mlp_dim, x.heads, t, a)
+    in_v, in_t = a * tv * v.width, a * tt * x.width
+    if par.activation_checkpointing:
+        stored = nv * in_v + nt * in_t
+        work = max(full_v if nv else 0.0, full_t if nt else 0.0)
+    else:
+        stored = nv * full_v + nt * full_t
+        work = 0.0
+    work += 2 * max(in_v if nv else 0.0, in_t if nt else 0.0)
+    if stage.first:
+        image = 4 * b * v.channels * v.image_size**2  # fp32 pixels from the loader
+        stored += image + 3 * in_v + in_t + 8 * tt  # conv out, +pos, ln_pre; text embed; ids
+    if par.pp > 1 and not stage.last:
+        stored += in_v + in_t  # the stage output, kept until its gradient arrives
+    return m * stored + work
+
+
+def loss_bytes(cfg: ClipConfig, par: ParallelConfig) -> float:
+    """Loss bytes on a last-stage rank: gathered fp32 features 2NE, their grads, a logits chunk."""
+    n = par.global_batch_size
+    rows = par.micro_batch_size * par.grad_accum_steps
+    feats = 2 * n * cfg.embed_dim * 4
+    return 2 * feats + 2 * rows * min(n, LOSS_CHUNK) * 4
+
+
+# ---------------------------------------------------------------- totals
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Peak bytes of one rank of one pipeline stage, by kind."""
+
+    stage: int
+    params_count: int
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    loss: float
+    step_transient: float
+
+    @property
+    def peak(self) -> float:
+        """states + max(activations + loss, optimizer-step transient)."""
+        resident = self.params + self.grads + self.optimizer
+        return resident + max(self.activations + self.loss, self.step_transient)
+
+    def as_dict(self) -> dict[str, float]:
+        gib = 2**30
+        return {
+            "stage": self.stage,
+            "params_count": self.params_count,
+            "params_gib": self.params / gib,
+            "grads_gib": self.grads / gib,
+            "optimizer_gib": self.optimizer / gib,
+            "activations_gib": self.activations / gib,
+            "loss_gib": self.loss / gib,
+            "step_transient_gib": self.step_transient / gib,
+            "peak_gib": self.peak / gib,
+        }
+
+
+def stage_memory(
+    cfg: ClipConfig,
+    par: ParallelConfig,
+    stage: StageLike,
+    index: int = 0,
+    *,
+    grad_accum_fp32: bool = False,
+    schedule: str = "gpipe",
+) -> StageMemory:
+    """Peak memory breakdown of one rank of stage number ``index`` under layout ``par``."""
+    n = stage_params(cfg, par.tp, stage)
+    live = 0
+    if par.zero_stage == 3:
+        v, t = cfg.vision, cfg.text
+        live = 2 * max(
+            block_params_per_rank(v.width, v.mlp_dim, par.tp),
+            block_params_per_rank(t.width, t.mlp_dim, par.tp),
+        )
+    states = model_state_bytes(n, par, grad_accum_fp32=grad_accum_fp32, zero3_live_params=live)
+    acts = stage_activation_bytes(cfg, par, stage, alive_micro_batches(par, index, schedule))
+    loss = loss_bytes(cfg, par) if stage.last else 0.0
+    return StageMemory(
+        index,
+        n,
+        states.params,
+        states.grads,
+        states.optimizer,
+        acts,
+        loss,
+        states.step_transient,
+    )
+
+
+def layout_memory(
+    cfg: ClipConfig,
+    par: ParallelConfig,
+    stages: tuple[StageLike, ...] | None = None,
+    *,
+    grad_accum_fp32: bool = False,
+    schedule: str = "gpipe",
+) -> tuple[StageMemory, ...]:
+    """Per-stage memory of a layout (stages default to :func:`even_stages`)."""
+    stages = even_stages(cfg, par.pp) if stages is None else stages
+    if len(stages) != par.pp:
+        raise ConfigError(f"got {len(stages)} stage ranges for pp={par.pp}")
+    return tuple(
+        stage_memory(cfg, par, s, i, grad_accum_fp32=grad_accum_fp32, schedule=schedule)
+        for i, s in enumerate(stages)
+    )
+
+
+def peak_memory(
+    cfg: ClipConfig, par: ParallelConfig, stages: tuple[StageLike, ...] | None = None
+) -> float:
+    """Largest per-rank peak bytes over the pipeline stages."""
+    return max(m.peak for m in layout_memory(cfg, par, stages))
