@@ -62,7 +62,7 @@ def test_deepspeed_json_conflicts_are_reported(tmp_path):
 
 @pytest.mark.multiproc
 def test_short_two_process_run_learns_and_evaluates(tmp_path):
-    from megaclip.data import DemoConfig, make_demo
+    from megaclip.data.demo import DemoConfig, make_demo
 
     data = tmp_path / "data"
     make_demo(str(data), DemoConfig(image_size=32, shards=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -15,10 +16,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megaclip.config.train import RunConfig, run_config_to_dict
+from megaclip.config.train import RunConfig, ZeroShotSection, run_config_to_dict
 from megaclip.errors import ConfigError
 from megaclip.model.flops import model_cost
-from megaclip.parallel.runtime import init_distributed
+from megaclip.parallel.runtime import device, init_distributed
 from megaclip.parallel.topology import Topology
 from megaclip.train.ds_config import load_ds_config, resolve_ds_config
 from megaclip.train.engine import ClipEngine, OptimConfig, StepResult
@@ -79,7 +80,7 @@ def micro_batch_stream(cfg: RunConfig, topo: Topology, tokenizer) -> Iterator[tu
 def _tokenizer(cfg: RunConfig):
     from megaclip.tokenizer import build_tokenizer
 
-    if cfg.data.kind == "synthetic":
+    if cfg.data.kind == "synthetic" and not cfg.zeroshot.data:
         return None
     tok = build_tokenizer(
         cfg.data.tokenizer, cfg.data.tokenizer_path, context_length=cfg.model.text.context_length
@@ -133,6 +134,7 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
         from megaclip.data import resolve_shards
 
         resolve_shards(cfg.data.train)
+    check_zeroshot_inputs(cfg.zeroshot)
     rank, world = init_distributed(cfg.train.dist_timeout_s)
     topo = Topology(par, timeout_minutes=max(1, int(cfg.train.dist_timeout_s // 60)))
     out = Path(cfg.train.out_dir)
@@ -227,6 +229,41 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     return summary
 
 
+def check_zeroshot_inputs(zs: ZeroShotSection) -> None:
+    """Read the class names and templates once up front so mistakes surface before training."""
+    if not zs.data:
+        return
+    from megaclip.data import resolve_shards
+    from megaclip.eval.zeroshot import read_classnames, read_templates
+
+    if not (zs.classnames and zs.templates):
+        raise ConfigError("zeroshot.data is set: zeroshot.classnames and zeroshot.templates too")
+    read_classnames(zs.classnames)
+    read_templates(zs.templates)
+    if not Path(zs.data).is_dir():
+        resolve_shards(zs.data)
+
+
+def run_zeroshot(model, tokenizer, zs: ZeroShotSection, model_cfg, batch_size: int = 256) -> dict:
+    """Zero-shot top-1/top-5 of ``model`` on ``zs.data`` (at most ``zs.max_samples`` images)."""
+    from megaclip.eval.data import labeled_loader
+    from megaclip.eval.zeroshot import (
+        build_classifier,
+        read_classnames,
+        read_templates,
+        zeroshot_eval,
+    )
+
+    dev = device()
+    classnames = read_classnames(zs.classnames)
+    weights = build_classifier(model, tokenizer, classnames, read_templates(zs.templates), dev)
+    loader = labeled_loader(zs.data, classnames, model_cfg.vision.image_size, batch_size)
+    if zs.max_samples:
+        loader = itertools.islice(loader, math.ceil(zs.max_samples / batch_size))
+    with torch.no_grad():
+        return zeroshot_eval(model, weights, loader, dev)
+
+
 class TrainHooks:
     """Periodic work around the step: zero-shot eval, checkpoints, final export."""
 
@@ -255,18 +292,8 @@ class TrainHooks:
         state = gather_open_clip_state(self.engine)
         result = None
         if dist.get_rank() == 0:
-            from megaclip.eval.zeroshot import run_zeroshot
-
-            model = model_from_open_clip_state(self.cfg.model, state)
-            zs = self.cfg.zeroshot
-            result = run_zeroshot(
-                model,
-                self.tokenizer,
-                data=zs.data,
-                classnames=zs.classnames,
-                templates=zs.templates,
-                max_samples=zs.max_samples or None,
-            )
+            model = model_from_open_clip_state(self.cfg.model, state).to(device())
+            result = run_zeroshot(model, self.tokenizer, self.cfg.zeroshot, self.cfg.model)
             record = {"step": step, **{f"zeroshot_{k}": v for k, v in result.items()}}
             self.zeroshot_history.append(record)
             if writer is not None:
