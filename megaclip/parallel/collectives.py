@@ -12,6 +12,8 @@ upstream gradient g on every rank, each rank receives ``size * g``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -57,6 +59,33 @@ def gather_rows(x: Tensor, group: ProcessGroup | None) -> Tensor:
     out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather(list(out.chunk(size, dim=0)), x, group=group)
     return out
+
+
+def stream_rows(x: Tensor, group: ProcessGroup | None) -> Iterator[tuple[int, Tensor]]:
+    """Yield (j, x_j) for j = 0..size-1: x_j broadcast from group rank j; no autograd.
+
+    At most two received blocks are alive (the current one and the prefetched next one, whose
+    broadcast runs while the caller computes). Every rank must pass a tensor of the same shape and
+    consume the whole iterator (the broadcasts are collectives).
+    """
+    size, rank = group_size(group), group_rank(group)
+    x = x.detach().contiguous()
+    if size == 1:
+        yield 0, x
+        return
+
+    def start(j: int):
+        buf = x if j == rank else torch.empty_like(x)
+        src = dist.get_global_rank(group, j)
+        return buf, dist.broadcast(buf, src=src, group=group, async_op=True)
+
+    pending = start(0)
+    for j in range(size):
+        buf, work = pending
+        work.wait()
+        if j + 1 < size:
+            pending = start(j + 1)
+        yield j, buf
 
 
 class _AllGatherCat(torch.autograd.Function):
