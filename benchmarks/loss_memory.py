@@ -1,12 +1,14 @@
 """Peak memory and time of megaclip's chunked CLIP loss vs open_clip's ClipLoss, one DP rank.
 
 One process stands in for one rank of a DP group of size ``--dp``: it holds b = N / dp local image
-and text features and the N pre-gathered features of the whole group. Both losses run forward +
+and text features and the N pre-gathered features of the whole group. Each loss runs forward +
 backward on the same tensors, with the collectives replaced by local stand-ins that allocate what
-the real collectives allocate (megaclip: the N x 2d gather buffer and the gathered per-row
-statistics; open_clip: its own ``gather_features`` code path, with ``all_gather`` replaced by a copy
-of the pre-gathered features whose backward keeps this rank's slice, like its reduce-scatter).
-Communication time is therefore not included for either.
+the real collectives allocate: megaclip "allgather" mode the N x 2d gather buffer, "stream" mode
+one fresh b x 2d receive buffer per owner block (forward and again backward), both the gathered
+per-row statistics; open_clip ``ClipLoss`` (local_loss=True with gather_with_grad=True, and
+local_loss=False with gather_with_grad=False) runs its own code with ``gather_features`` replaced:
+``all_gather`` becomes a copy of the pre-gathered features whose backward keeps this rank's slice
+(as its reduce-scatter does). Communication time is not included for any of them.
 
 Every measurement runs in a fresh subprocess (glibc told to mmap every allocation >= 128 KiB so
 freed tensors leave RSS): one warm-up iteration, then the peak RSS high-water mark is reset
@@ -20,6 +22,7 @@ the RSS right before the timed iterations (inputs, torch itself), and the best w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IMPLS = ("megaclip", "open_clip_local", "open_clip_global")
+IMPLS = ("megaclip", "megaclip_stream", "open_clip_local", "open_clip_global")
 
 
 def _status_kib(field: str) -> int:
@@ -45,10 +48,8 @@ def _status_kib(field: str) -> int:
 def _reset_peak() -> None:
     """Release freed heap to the OS and reset the RSS high-water mark to the current RSS."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -66,7 +67,7 @@ def run_child(impl: str, n: int, dp: int, dim: int, chunk: int, repeats: int, th
     txt = feats[offset : offset + b, dim:].clone().requires_grad_()
     logit_scale = torch.tensor([math.log(1 / 0.07)], requires_grad=True)
 
-    if impl == "megaclip":
+    if impl.startswith("megaclip"):
         from megaclip.loss import DPComm, clip_loss_with_comm
 
         def standin_gather(x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +75,15 @@ def run_child(impl: str, n: int, dp: int, dim: int, chunk: int, repeats: int, th
                 return feats.clone()  # the all-gather output buffer
             return x.repeat(dp, *([1] * (x.dim() - 1)))  # per-row stats of the dp ranks
 
-        comm = DPComm(rank=rank, size=dp, gather=standin_gather)
+        def standin_stream(x: torch.Tensor):
+            for j in range(dp):  # each block is a fresh receive buffer, as in a broadcast
+                yield j, x if j == rank else feats[j * b : (j + 1) * b].clone()
+
+        comm = DPComm(rank=rank, size=dp, gather=standin_gather, stream=standin_stream)
+        mode = "stream" if impl == "megaclip_stream" else "allgather"
 
         def step() -> torch.Tensor:
-            return clip_loss_with_comm(img, txt, logit_scale, comm, chunk_size=chunk).loss
+            return clip_loss_with_comm(img, txt, logit_scale, comm, chunk, mode).loss
 
     else:
         import open_clip.loss as ocl
@@ -142,7 +148,7 @@ def run_child(impl: str, n: int, dp: int, dim: int, chunk: int, repeats: int, th
         "b": b,
         "dp": dp,
         "dim": dim,
-        "chunk": chunk if impl == "megaclip" else None,
+        "chunk": chunk if impl.startswith("megaclip") else None,
         "threads": threads,
         "time_s": min(times),
         "base_rss_mib": base_kib / 1024,
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dp", type=int, default=64, help="DP size one process stands in for")
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=4096, help="megaclip chunk_size")
-    p.add_argument("--repeats", type=int, default=2, help="timed iterations after a warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="timed iterations after a warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--global-max-n", type=int, default=8192, help="largest N for local_loss=False")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
@@ -183,23 +189,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    header = (
-        f"{'N':>6} {'b':>5} | {'megaclip MiB':>12} {'s':>6} | {'oc local MiB':>12} {'s':>6} | "
-        f"{'oc global MiB':>13} {'s':>6} | {'mem oc_local/mc':>15} {'time mc/oc_local':>16}"
-    )
     print(
-        f"extra peak RSS over inputs (MiB) and best time of fwd+bwd (s); dp={args.dp} "
+        f"extra peak RSS over inputs (MiB) and best fwd+bwd time (s) of one rank; dp={args.dp} "
         f"dim={args.dim} chunk={args.chunk} threads={args.threads} fp32"
+    )
+    header = (
+        f"{'N':>6} {'b':>5} | {'mc allgather':>12} {'s':>6} | {'mc stream':>10} {'s':>6} | "
+        f"{'oc local':>9} {'s':>6} | {'oc global':>9} {'s':>6} || "
+        f"{'mem oc_local/mc':>15} {'(stream)':>8} | {'time mc/oc_local':>16} {'(stream)':>8}"
     )
     print(header)
     print("-" * len(header))
     rows = []
     for n in args.n:
-        res = {impl: measure(impl, n, args) for impl in IMPLS[:2]}
+        res = {impl: measure(impl, n, args) for impl in IMPLS[:3]}
         if n <= args.global_max_n:
             res["open_clip_global"] = measure("open_clip_global", n, args)
-        mc, ol = res["megaclip"], res["open_clip_local"]
-        og = res.get("open_clip_global")
+        ol = res["open_clip_local"]
 
         def cell(r: dict | None, w: int) -> str:
             if r is None:
@@ -208,20 +214,29 @@ def main(argv: list[str] | None = None) -> int:
                 return f"{'error':>{w}} {'-':>6}"
             return f"{r['extra_peak_mib']:>{w}.1f} {r['time_s']:>6.2f}"
 
-        ok = "error" not in mc and "error" not in ol
-        mem_ratio = ol["extra_peak_mib"] / max(mc["extra_peak_mib"], 1e-9) if ok else float("nan")
-        time_ratio = mc["time_s"] / ol["time_s"] if ok else float("nan")
+        def ratios(r: dict, ol: dict = ol) -> tuple[float, float]:
+            if "error" in r or "error" in ol:
+                return float("nan"), float("nan")
+            mem = ol["extra_peak_mib"] / max(r["extra_peak_mib"], 1e-9)
+            return mem, r["time_s"] / ol["time_s"]
+
+        mem_a, time_a = ratios(res["megaclip"])
+        mem_s, time_s = ratios(res["megaclip_stream"])
         print(
-            f"{n:>6} {n // args.dp:>5} | {cell(mc, 12)} | {cell(ol, 12)} | {cell(og, 13)} | "
-            f"{mem_ratio:>15.1f} {time_ratio:>16.2f}",
+            f"{n:>6} {n // args.dp:>5} | {cell(res['megaclip'], 12)} | "
+            f"{cell(res['megaclip_stream'], 10)} | {cell(ol, 9)} | "
+            f"{cell(res.get('open_clip_global'), 9)} || {mem_a:>15.1f} {mem_s:>8.1f} | "
+            f"{time_a:>16.2f} {time_s:>8.2f}",
             flush=True,
         )
         rows.append(
             {
                 "n": n,
                 "results": res,
-                "mem_ratio_oc_local_over_mc": mem_ratio,
-                "time_ratio_mc_over_oc_local": time_ratio,
+                "mem_ratio_oc_local_over_mc_allgather": mem_a,
+                "mem_ratio_oc_local_over_mc_stream": mem_s,
+                "time_ratio_mc_allgather_over_oc_local": time_a,
+                "time_ratio_mc_stream_over_oc_local": time_s,
             }
         )
     for row in rows:

@@ -48,21 +48,20 @@ class ClipLossOutput(NamedTuple):
     t2i_top1: Tensor
 
 
+def _scaled(rows: Tensor, scale: Tensor) -> Tensor:
+    """s * rows, computed in the accumulation dtype and stored in the dtype of ``rows``."""
+    return (rows.to(scale.dtype) * scale).to(rows.dtype)
+
+
 def _scaled_logits(
-    ws: ChunkWorkspace,
-    rows: Tensor,
-    cols: Tensor,
-    scale: Tensor,
-    pos: Tensor,
-    offset: int,
-    start: int,
+    ws: ChunkWorkspace, scaled_rows: Tensor, cols: Tensor, pos: Tensor, offset: int, start: int
 ) -> Tensor:
-    """s * rows @ cols.T in workspace buffer 0, positive entries replaced by the canonical ``pos``.
+    """(s * rows) @ cols.T in workspace buffer 0, positive entries set to the canonical ``pos``.
 
     Both directions and both passes then see bit-identical positive logits, so softmax - onehot
     at the positives does not suffer from two GEMMs rounding I_a.T_a differently.
     """
-    logits = ws.matmul_t(0, rows, cols).mul_(scale)
+    logits = ws.matmul_t(0, scaled_rows, cols)
     diag = diagonal_in_chunk(logits, offset, start, start + cols.shape[0])
     if diag is not None:
         logits[diag] = pos[diag[0]]
@@ -95,9 +94,8 @@ class _OnlineCE:
 def _grad_chunk(
     ws: ChunkWorkspace,
     grad: Tensor,
-    rows: Tensor,
+    scaled_rows: Tensor,
     cols: Tensor,
-    scale: Tensor,
     pos_all: Tensor,
     ce_rows: Tensor,
     ce_cols: Tensor,
@@ -106,13 +104,14 @@ def _grad_chunk(
 ) -> Tensor:
     """grad += G @ cols with G = P + Q - 2 onehot; return sum_aj P[a, j] (logit_aj - pos_a).
 
-    logit[a, j] = s rows_a . cols_j (columns start..start+c); P = exp(logit - pos_a - ce_rows[a]) is
-    this rank's rows of one direction's softmax; Q = exp(logit - pos_j - ce_cols[j]) is column a
-    of the other direction's softmax (its rows j are the N gathered rows).
+    logit[a, j] = s rows_a . cols_j (columns start..start+c; ``scaled_rows`` = s * rows);
+    P = exp(logit - pos_a - ce_rows[a]) is this rank's rows of one direction's softmax;
+    Q = exp(logit - pos_j - ce_cols[j]) is column a of the other direction's softmax (its rows j
+    are the N gathered rows).
     """
-    b, c = rows.shape[0], cols.shape[0]
+    b, c = scaled_rows.shape[0], cols.shape[0]
     pos = pos_all[offset : offset + b]
-    logits = _scaled_logits(ws, rows, cols, scale, pos, offset, start)
+    logits = _scaled_logits(ws, scaled_rows, cols, pos, offset, start)
     g = torch.sub(logits, pos_all[None, start : start + c], out=ws.view(1, b, c))
     g.sub_(ce_cols[None, start : start + c]).exp_()
     logits.sub_(pos[:, None])
@@ -147,13 +146,14 @@ class _ClipLossFn(torch.autograd.Function):
         gathered = comm.gather(local) if mode == "allgather" else None  # [N, 2d]
         scale = logit_scale.detach().reshape(()).to(acc).exp()
         pos = (image.to(acc) * text.to(acc)).sum(dim=1).mul_(scale)  # canonical positive logits
+        image_s, text_s = _scaled(image, scale), _scaled(text, scale)
         width = workspace_width(b, comm.size, chunk_size, mode)
         ws = ChunkWorkspace(b, width, 1, image.dtype, image.device)
         i2t = _OnlineCE(b, acc, image.device)
         t2i = _OnlineCE(b, acc, image.device)
         for start, cols in column_chunks(column_blocks(comm, local, gathered), chunk_size):
-            i2t.update(_scaled_logits(ws, image, cols[:, d:], scale, pos, offset, start), start)
-            t2i.update(_scaled_logits(ws, text, cols[:, :d], scale, pos, offset, start), start)
+            i2t.update(_scaled_logits(ws, image_s, cols[:, d:], pos, offset, start), start)
+            t2i.update(_scaled_logits(ws, text_s, cols[:, :d], pos, offset, start), start)
         ce_i2t, hit_i2t = i2t.result(pos, offset)
         ce_t2i, hit_t2i = t2i.result(pos, offset)
         part = ce_i2t.sum() + ce_t2i.sum()
@@ -184,15 +184,16 @@ class _ClipLossFn(torch.autograd.Function):
         grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
         grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
         p_dot = torch.zeros((), dtype=ws.acc, device=image.device)
+        image_s, text_s = _scaled(image, scale), _scaled(text, scale)
         blocks = column_blocks(comm, ctx.local, ctx.gathered)
         for start, cols in column_chunks(blocks, chunk_size):
             # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of image a.
             p_dot += _grad_chunk(
-                ws, grad_i, image, cols[:, d:], scale, pos_all, ce_i2t[own], ce_t2i, offset, start
+                ws, grad_i, image_s, cols[:, d:], pos_all, ce_i2t[own], ce_t2i, offset, start
             )
             # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of text a.
             p_dot += _grad_chunk(
-                ws, grad_t, text, cols[:, :d], scale, pos_all, ce_t2i[own], ce_i2t, offset, start
+                ws, grad_t, text_s, cols[:, :d], pos_all, ce_t2i[own], ce_i2t, offset, start
             )
         g = g_loss.to(ws.acc) * comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
         d_image = (g * scale * grad_i).to(image.dtype)

@@ -35,9 +35,8 @@ DEFAULT_CHUNK_SIZE = 4096
 
 def _pair_loss_chunk(
     ws: ChunkWorkspace,
-    rows: Tensor,
+    scaled_rows: Tensor,
     cols: Tensor,
-    scale: Tensor,
     bias: Tensor,
     offset: int,
     start: int,
@@ -47,8 +46,8 @@ def _pair_loss_chunk(
     -log sigmoid(-x) = softplus(x) = max(x, 0) + log1p(exp(-|x|)) for every pair, then the
     positives are corrected with -log sigmoid(x) = softplus(x) - x.
     """
-    b, c = rows.shape[0], cols.shape[0]
-    x = ws.matmul_t(0, rows, cols).mul_(scale).add_(bias)
+    b, c = scaled_rows.shape[0], cols.shape[0]
+    x = ws.matmul_t(0, scaled_rows, cols).add_(bias)
     diag = diagonal_in_chunk(x, offset, start, start + c)
     total = -x[diag].sum() if diag is not None else x.new_zeros(())
     tail = torch.abs(x, out=ws.view(1, b, c)).neg_().exp_().log1p_()
@@ -58,20 +57,19 @@ def _pair_loss_chunk(
 def _grad_chunk(
     ws: ChunkWorkspace,
     grad: Tensor,
-    rows: Tensor,
+    scaled_rows: Tensor,
     cols: Tensor,
-    scale: Tensor,
     bias: Tensor,
     offset: int,
     start: int,
 ) -> tuple[Tensor, Tensor]:
     """grad += G @ cols; return (sum G * (x - beta), sum G); G = sigmoid(x) - onehot.
 
-    x = s rows . cols + beta over one chunk of columns; at the positives G = -sigmoid(-x) is
-    computed directly (no 1 - 1 cancellation).
+    x = (s * rows) . cols + beta over one chunk of columns (``scaled_rows`` = s * rows); at the
+    positives G = -sigmoid(-x) is computed directly (no 1 - 1 cancellation).
     """
-    b, c = rows.shape[0], cols.shape[0]
-    logits = ws.matmul_t(0, rows, cols).mul_(scale)
+    b, c = scaled_rows.shape[0], cols.shape[0]
+    logits = ws.matmul_t(0, scaled_rows, cols)
     g = torch.add(logits, bias, out=ws.view(1, b, c)).sigmoid_()
     diag = diagonal_in_chunk(logits, offset, start, start + c)
     if diag is not None:
@@ -105,8 +103,9 @@ class _SigLipLossFn(torch.autograd.Function):
             b, workspace_width(b, comm.size, chunk_size, mode), 2, image.dtype, image.device
         )
         part = torch.zeros((), dtype=acc, device=image.device)
+        image_s = (image.to(acc) * scale).to(image.dtype)
         for start, cols in column_chunks(column_blocks(comm, local, gathered), chunk_size):
-            part += _pair_loss_chunk(ws, image, cols[:, d:], scale, bias, offset, start)
+            part += _pair_loss_chunk(ws, image_s, cols[:, d:], bias, offset, start)
         total = comm.gather(part.reshape(1)).sum()  # same order on every rank
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
         ctx.local, ctx.gathered, ctx.comm = local, gathered, comm
@@ -129,13 +128,15 @@ class _SigLipLossFn(torch.autograd.Function):
         grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
         g_dot = torch.zeros((), dtype=ws.acc, device=image.device)
         g_sum = torch.zeros((), dtype=ws.acc, device=image.device)
+        image_s = (image.to(ws.acc) * scale).to(image.dtype)
+        text_s = (text.to(ws.acc) * scale).to(text.dtype)
         # dL/dx_ij = (sigmoid(x_ij) - [i == j]) / N; this rank's image rows give d_image and its
         # logit_scale / logit_bias shares; its text columns (from T_r I^T) give d_text.
         for start, cols in column_chunks(column_blocks(comm, ctx.local, ctx.gathered), chunk_size):
-            dot, gs = _grad_chunk(ws, grad_i, image, cols[:, d:], scale, bias, offset, start)
+            dot, gs = _grad_chunk(ws, grad_i, image_s, cols[:, d:], bias, offset, start)
             g_dot += dot
             g_sum += gs
-            _grad_chunk(ws, grad_t, text, cols[:, :d], scale, bias, offset, start)
+            _grad_chunk(ws, grad_t, text_s, cols[:, :d], bias, offset, start)
         g = g_loss.to(ws.acc) * comm.size / n  # dp x: docs/loss.md "gradient convention"
         d_image = (g * scale * grad_i).to(image.dtype)
         d_text = (g * scale * grad_t).to(text.dtype)
