@@ -91,19 +91,32 @@ def chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + step)
 
 
+def blocks_per_step(b: int, dp: int, chunk_size: int | None) -> int:
+    """Owner blocks of b rows streamed per step: enough to fill one chunk (1 when b >= chunk)."""
+    return dp if chunk_size is None else max(1, min(dp, chunk_size // b))
+
+
 def column_blocks(
-    comm: DPComm, local: Tensor, gathered: Tensor | None
+    comm: DPComm, local: Tensor, gathered: Tensor | None, chunk_size: int | None
 ) -> Iterator[tuple[int, Tensor]]:
     """(first global column, block of rows) covering all N columns of the group.
 
-    ``gathered`` (allgather mode) is one block of N rows; otherwise the ``comm.size`` blocks of
-    ``local.shape[0]`` rows are streamed from their owners (stream mode).
+    ``gathered`` (allgather mode) is one block of N rows; otherwise the owners' blocks of
+    ``local.shape[0]`` rows are streamed (stream mode) and concatenated
+    ``blocks_per_step`` at a time, so that small b still gives chunk-sized GEMMs.
     """
     if gathered is not None:
         yield 0, gathered
         return
+    b = local.shape[0]
+    per_step = blocks_per_step(b, comm.size, chunk_size)
+    pending: list[Tensor] = []
     for j, block in comm.stream(local):
-        yield j * local.shape[0], block
+        pending.append(block)
+        if len(pending) == per_step or j == comm.size - 1:
+            first = (j + 1 - len(pending)) * b
+            yield first, pending[0] if len(pending) == 1 else torch.cat(pending)
+            pending = []
 
 
 def column_chunks(
@@ -164,6 +177,6 @@ class ChunkWorkspace:
 
 
 def workspace_width(b: int, dp: int, chunk_size: int | None, mode: str) -> int:
-    """Columns per chunk: at most chunk_size, and at most one block (N or b columns)."""
-    block = b * dp if mode == "allgather" else b
+    """Columns per chunk: at most chunk_size and at most one block (N or the streamed rows)."""
+    block = b * (dp if mode == "allgather" else blocks_per_step(b, dp, chunk_size))
     return block if chunk_size is None else min(block, chunk_size)

@@ -151,7 +151,9 @@ class _ClipLossFn(torch.autograd.Function):
         ws = ChunkWorkspace(b, width, 1, image.dtype, image.device)
         i2t = _OnlineCE(b, acc, image.device)
         t2i = _OnlineCE(b, acc, image.device)
-        for start, cols in column_chunks(column_blocks(comm, local, gathered), chunk_size):
+        for start, cols in column_chunks(
+            column_blocks(comm, local, gathered, chunk_size), chunk_size
+        ):
             i2t.update(_scaled_logits(ws, image_s, cols[:, d:], pos, offset, start), start)
             t2i.update(_scaled_logits(ws, text_s, cols[:, :d], pos, offset, start), start)
         ce_i2t, hit_i2t = i2t.result(pos, offset)
@@ -185,7 +187,7 @@ class _ClipLossFn(torch.autograd.Function):
         grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
         p_dot = torch.zeros((), dtype=ws.acc, device=image.device)
         image_s, text_s = _scaled(image, scale), _scaled(text, scale)
-        blocks = column_blocks(comm, ctx.local, ctx.gathered)
+        blocks = column_blocks(comm, ctx.local, ctx.gathered, chunk_size)
         for start, cols in column_chunks(blocks, chunk_size):
             # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of image a.
             p_dot += _grad_chunk(

@@ -104,7 +104,9 @@ class _SigLipLossFn(torch.autograd.Function):
         )
         part = torch.zeros((), dtype=acc, device=image.device)
         image_s = (image.to(acc) * scale).to(image.dtype)
-        for start, cols in column_chunks(column_blocks(comm, local, gathered), chunk_size):
+        for start, cols in column_chunks(
+            column_blocks(comm, local, gathered, chunk_size), chunk_size
+        ):
             part += _pair_loss_chunk(ws, image_s, cols[:, d:], bias, offset, start)
         total = comm.gather(part.reshape(1)).sum()  # same order on every rank
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
@@ -132,7 +134,9 @@ class _SigLipLossFn(torch.autograd.Function):
         text_s = (text.to(ws.acc) * scale).to(text.dtype)
         # dL/dx_ij = (sigmoid(x_ij) - [i == j]) / N; this rank's image rows give d_image and its
         # logit_scale / logit_bias shares; its text columns (from T_r I^T) give d_text.
-        for start, cols in column_chunks(column_blocks(comm, ctx.local, ctx.gathered), chunk_size):
+        for start, cols in column_chunks(
+            column_blocks(comm, ctx.local, ctx.gathered, chunk_size), chunk_size
+        ):
             dot, gs = _grad_chunk(ws, grad_i, image_s, cols[:, d:], bias, offset, start)
             g_dot += dot
             g_sum += gs

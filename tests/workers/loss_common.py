@@ -19,6 +19,8 @@ LAYOUTS: dict[str, list[list[int]]] = {
 _LOSS = [
     ("world", 5, "float32"),
     ("world", None, "float32"),
+    ("world", 7, "float32"),  # stream: 2 owner blocks (6 columns) per step
+    ("world", 9, "float32"),  # stream: 3 blocks, then the last one alone
     ("pairs", 4, "float32"),
     ("strided", 5, "float32"),
     ("strided", 2, "float32"),
