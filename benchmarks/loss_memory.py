@@ -4,7 +4,7 @@ One process stands in for one rank of a DP group of size ``--dp``: it holds b = 
 and text features and the N pre-gathered features of the whole group. Each loss runs forward +
 backward on the same tensors, with the collectives replaced by local stand-ins that allocate what
 the real collectives allocate: megaclip "allgather" mode the N x 2d gather buffer, "stream" mode
-one fresh b x 2d receive buffer per owner block (forward and again backward), both the gathered
+one fresh receive buffer of chunk x 2d per step (forward and again backward), both the gathered
 per-row statistics; open_clip ``ClipLoss`` (local_loss=True with gather_with_grad=True, and
 local_loss=False with gather_with_grad=False) runs its own code with ``gather_features`` replaced:
 ``all_gather`` becomes a copy of the pre-gathered features whose backward keeps this rank's slice
@@ -75,9 +75,9 @@ def run_child(impl: str, n: int, dp: int, dim: int, chunk: int, repeats: int, th
                 return feats.clone()  # the all-gather output buffer
             return x.repeat(dp, *([1] * (x.dim() - 1)))  # per-row stats of the dp ranks
 
-        def standin_stream(x: torch.Tensor):
-            for j in range(dp):  # each block is a fresh receive buffer, as in a broadcast
-                yield j, x if j == rank else feats[j * b : (j + 1) * b].clone()
+        def standin_stream(x: torch.Tensor, per_step: int):
+            for j in range(0, dp, per_step):  # a fresh receive buffer per step, as broadcasts
+                yield j, feats[j * b : min(dp, j + per_step) * b].clone()
 
         comm = DPComm(rank=rank, size=dp, gather=standin_gather, stream=standin_stream)
         mode = "stream" if impl == "megaclip_stream" else "allgather"

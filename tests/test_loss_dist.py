@@ -141,3 +141,6 @@ def test_collectives_on_subgroups(results, index: int, case: dict) -> None:
             assert [j for j, _ in out["stream"]] == list(range(dp))
             for j, block in out["stream"]:
                 torch.testing.assert_close(block, collective_input(ranks[j], b, d), atol=0, rtol=0)
+            assert [j for j, _ in out["stream3"]] == list(range(0, dp, 3))
+            for j, block in out["stream3"]:
+                torch.testing.assert_close(block, gathered[j * b : (j + 3) * b], atol=0, rtol=0)

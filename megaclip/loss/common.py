@@ -26,14 +26,14 @@ class DPComm:
     """How one DP rank sees its group: its index, the size, and two no-grad row collectives.
 
     ``gather(x)`` returns ``cat([x_0, ..., x_{size-1}], dim=0)`` (group-rank order);
-    ``stream(x)`` yields ``(j, x_j)`` for j = 0..size-1, one block at a time. Built from a process
-    group by :meth:`from_group`; benchmarks pass stand-ins over pre-gathered tensors instead.
+    ``stream(x, k)`` yields ``(j, cat([x_j, ..., x_{j+k-1}]))`` for j = 0, k, 2k, ... Built from
+    a process group by :meth:`from_group`; benchmarks pass stand-ins over pre-gathered tensors.
     """
 
     rank: int
     size: int
     gather: Callable[[Tensor], Tensor]
-    stream: Callable[[Tensor], Iterator[tuple[int, Tensor]]]
+    stream: Callable[[Tensor, int], Iterator[tuple[int, Tensor]]]
 
     @classmethod
     def from_group(cls, group: ProcessGroup | None) -> DPComm:
@@ -42,7 +42,7 @@ class DPComm:
             group_rank(group),
             group_size(group),
             partial(gather_rows, group=group),
-            partial(stream_rows, group=group),
+            lambda x, per_step: stream_rows(x, group, per_step),
         )
 
 
@@ -102,21 +102,15 @@ def column_blocks(
     """(first global column, block of rows) covering all N columns of the group.
 
     ``gathered`` (allgather mode) is one block of N rows; otherwise the owners' blocks of
-    ``local.shape[0]`` rows are streamed (stream mode) and concatenated
-    ``blocks_per_step`` at a time, so that small b still gives chunk-sized GEMMs.
+    ``local.shape[0]`` rows are streamed ``blocks_per_step`` at a time (stream mode), so that
+    small b still gives chunk-sized GEMMs while at most about 2 x chunk rows are held.
     """
     if gathered is not None:
         yield 0, gathered
         return
     b = local.shape[0]
-    per_step = blocks_per_step(b, comm.size, chunk_size)
-    pending: list[Tensor] = []
-    for j, block in comm.stream(local):
-        pending.append(block)
-        if len(pending) == per_step or j == comm.size - 1:
-            first = (j + 1 - len(pending)) * b
-            yield first, pending[0] if len(pending) == 1 else torch.cat(pending)
-            pending = []
+    for j, block in comm.stream(local, blocks_per_step(b, comm.size, chunk_size)):
+        yield j * b, block
 
 
 def column_chunks(

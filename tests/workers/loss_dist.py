@@ -95,6 +95,7 @@ def run_collectives_case(case: dict, rank: int, group) -> dict:
         "reduce": z.detach(),
         "reduce_grad": x.grad,
         "stream": [(j, block.clone()) for j, block in stream_rows(x, group)],
+        "stream3": [(j, block.clone()) for j, block in stream_rows(x, group, per_step=3)],
     }
 
 
