@@ -188,6 +188,8 @@ def test_bad_arguments() -> None:
         ContrastiveLoss(chunk_size=0)
     with pytest.raises(ConfigError, match="chunk_size"):
         clip_loss(img, txt, SCALE, chunk_size=2.5)
+    with pytest.raises(ConfigError, match="mode"):
+        SigLipLoss(mode="ring")
     with pytest.raises(ValueError, match=r"\[b, d\]"):
         clip_loss(img, txt[:3], SCALE)
     with pytest.raises(ValueError, match="one element"):

@@ -80,7 +80,10 @@ LOSS_CASES = [(i, c) for i, c in enumerate(CASES) if c["kind"] != "collectives"]
 @pytest.mark.parametrize(
     "index,case",
     LOSS_CASES,
-    ids=[f"{c['kind']}-{c['layout']}-chunk{c['chunk']}-{c['dtype']}" for _, c in LOSS_CASES],
+    ids=[
+        f"{c['kind']}-{c['mode']}-{c['layout']}-chunk{c['chunk']}-{c['dtype']}"
+        for _, c in LOSS_CASES
+    ],
 )
 def test_matches_single_process(results, index: int, case: dict) -> None:
     dtype, b = case["dtype"], case["b"]
@@ -121,7 +124,8 @@ COLL_CASES = [(i, c) for i, c in enumerate(CASES) if c["kind"] == "collectives"]
 
 @pytest.mark.parametrize("index,case", COLL_CASES, ids=[c["layout"] for _, c in COLL_CASES])
 def test_collectives_on_subgroups(results, index: int, case: dict) -> None:
-    """all_gather_cat: y = cat_r x_r, dx_r = sum_r' w_r'[rows r]; all_reduce_sum: sum_r' w_r'."""
+    """all_gather_cat: y = cat_r x_r, dx_r = sum_r' w_r'[rows r]; all_reduce_sum: sum_r' w_r';
+    stream_rows: (j, x_j) in group order."""
     b, d = case["b"], case["d"]
     for ranks in LAYOUTS[case["layout"]]:
         dp = len(ranks)
@@ -134,3 +138,9 @@ def test_collectives_on_subgroups(results, index: int, case: dict) -> None:
             torch.testing.assert_close(out["gather_grad"], w_gather[pos * b : (pos + 1) * b])
             torch.testing.assert_close(out["reduce"], sum(collective_input(q, b, d) for q in ranks))
             torch.testing.assert_close(out["reduce_grad"], w_reduce)
+            assert [j for j, _ in out["stream"]] == list(range(dp))
+            for j, block in out["stream"]:
+                torch.testing.assert_close(block, collective_input(ranks[j], b, d), atol=0, rtol=0)
+            assert [j for j, _ in out["stream3"]] == list(range(0, dp, 3))
+            for j, block in out["stream3"]:
+                torch.testing.assert_close(block, gathered[j * b : (j + 3) * b], atol=0, rtol=0)

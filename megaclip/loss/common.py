@@ -1,8 +1,8 @@
-"""Shared pieces of the chunked global-batch losses: the DP view, validation, chunk ranges."""
+"""Shared pieces of the chunked global-batch losses: the DP view, column blocks, workspaces."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -10,36 +10,53 @@ import torch
 from torch import Tensor
 
 from megaclip.errors import ConfigError
-from megaclip.parallel.collectives import ProcessGroup, gather_rows, group_rank, group_size
+from megaclip.parallel.collectives import (
+    ProcessGroup,
+    gather_rows,
+    group_rank,
+    group_size,
+    stream_rows,
+)
+
+MODES = ("allgather", "stream")
 
 
 @dataclass(frozen=True)
 class DPComm:
-    """How one DP rank sees its group: index ``rank``, ``size`` ranks, a no-grad row all-gather.
+    """How one DP rank sees its group: its index, the size, and two no-grad row collectives.
 
-    ``gather(x)`` must return ``cat([x_0, ..., x_{size-1}], dim=0)`` (group-rank order). Built
-    from a process group by :meth:`from_group`; benchmarks may pass pre-gathered tensors instead.
+    ``gather(x)`` returns ``cat([x_0, ..., x_{size-1}], dim=0)`` (group-rank order);
+    ``stream(x, k)`` yields ``(j, cat([x_j, ..., x_{j+k-1}]))`` for j = 0, k, 2k, ... Built from
+    a process group by :meth:`from_group`; benchmarks pass stand-ins over pre-gathered tensors.
     """
 
     rank: int
     size: int
     gather: Callable[[Tensor], Tensor]
+    stream: Callable[[Tensor, int], Iterator[tuple[int, Tensor]]]
 
     @classmethod
     def from_group(cls, group: ProcessGroup | None) -> DPComm:
         """The view of ``group`` (None = a single process holding the whole batch)."""
-        return cls(group_rank(group), group_size(group), partial(gather_rows, group=group))
+        return cls(
+            group_rank(group),
+            group_size(group),
+            partial(gather_rows, group=group),
+            lambda x, per_step: stream_rows(x, group, per_step),
+        )
 
 
-def check_chunk_size(chunk_size: int | None) -> None:
-    """Raise ConfigError unless ``chunk_size`` is None (one chunk) or a positive int."""
-    if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+def check_options(chunk_size: int | None, mode: str) -> None:
+    """Raise ConfigError unless chunk_size is None or a positive int and mode is in MODES."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ConfigError(
             f"loss chunk_size must be a positive integer (columns per chunk) or None, "
             f"got {chunk_size!r}; set e.g. chunk_size=4096"
         )
+    if mode not in MODES:
+        raise ConfigError(f"loss mode must be one of {MODES}, got {mode!r}")
 
 
 def check_features(image: Tensor, text: Tensor, *scalars: Tensor) -> None:
@@ -68,17 +85,92 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
-    """Yield [start, stop) column ranges of at most ``chunk_size`` covering range(n)."""
+    """Yield [start, stop) ranges of at most ``chunk_size`` covering range(n)."""
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, step):
         yield start, min(n, start + step)
 
 
-def diagonal_in_chunk(z: Tensor, offset: int, start: int, stop: int) -> tuple[slice, Tensor] | None:
-    """(rows a, z[a, offset + a - start]) for the rows whose column offset+a is in [start, stop)."""
+def blocks_per_step(b: int, dp: int, chunk_size: int | None) -> int:
+    """Owner blocks of b rows streamed per step: enough to fill one chunk (1 when b >= chunk)."""
+    return dp if chunk_size is None else max(1, min(dp, chunk_size // b))
+
+
+def column_blocks(
+    comm: DPComm, local: Tensor, gathered: Tensor | None, chunk_size: int | None
+) -> Iterator[tuple[int, Tensor]]:
+    """(first global column, block of rows) covering all N columns of the group.
+
+    ``gathered`` (allgather mode) is one block of N rows; otherwise the owners' blocks of
+    ``local.shape[0]`` rows are streamed ``blocks_per_step`` at a time (stream mode), so that
+    small b still gives chunk-sized GEMMs while at most about 2 x chunk rows are held.
+    """
+    if gathered is not None:
+        yield 0, gathered
+        return
+    b = local.shape[0]
+    for j, block in comm.stream(local, blocks_per_step(b, comm.size, chunk_size)):
+        yield j * b, block
+
+
+def column_chunks(
+    blocks: Iterable[tuple[int, Tensor]], chunk_size: int | None
+) -> Iterator[tuple[int, Tensor]]:
+    """(first global column, rows) chunks of at most ``chunk_size`` rows of every block."""
+    for first, block in blocks:
+        for start, stop in chunks(block.shape[0], chunk_size):
+            yield first + start, block[start:stop]
+
+
+def diagonal_in_chunk(
+    z: Tensor, offset: int, start: int, stop: int
+) -> tuple[Tensor, Tensor] | None:
+    """(rows a, column indices offset + a - start) of the positives inside columns [start, stop)."""
     a0 = max(0, start - offset)
     a1 = min(z.shape[0], stop - offset)
     if a0 >= a1:
         return None
     rows = torch.arange(a0, a1, device=z.device)
-    return slice(a0, a1), z[rows, rows + (offset - start)]
+    return rows, rows + (offset - start)
+
+
+class ChunkWorkspace:
+    """Reusable [b, chunk] buffers: the chunk loops then allocate nothing large per chunk.
+
+    ``k`` accumulation-dtype buffers plus, for low-precision inputs, one buffer of the input dtype
+    for the GEMMs (logits are computed in the input dtype, then widened).
+    """
+
+    def __init__(self, rows: int, chunk: int, k: int, dtype: torch.dtype, device) -> None:
+        self.acc = acc_dtype(dtype)
+        self.bufs = [torch.empty(rows * chunk, dtype=self.acc, device=device) for _ in range(k)]
+        self.low = None
+        if dtype != self.acc:
+            self.low = torch.empty(rows * chunk, dtype=dtype, device=device)
+
+    def view(self, k: int, rows: int, cols: int) -> Tensor:
+        """Buffer ``k`` as a contiguous [rows, cols] tensor."""
+        return self.bufs[k][: rows * cols].view(rows, cols)
+
+    def matmul_t(self, k: int, a: Tensor, b: Tensor) -> Tensor:
+        """a @ b.T into buffer ``k`` (accumulation dtype)."""
+        out = self.view(k, a.shape[0], b.shape[0])
+        if self.low is None:
+            return torch.mm(a, b.T, out=out)
+        low = self.low[: out.numel()].view(out.shape)
+        torch.mm(a, b.T, out=low)
+        return out.copy_(low)
+
+    def add_matmul(self, acc: Tensor, g: Tensor, cols: Tensor) -> None:
+        """acc += g @ cols, with g cast to the dtype of ``cols`` for the GEMM."""
+        if self.low is None:
+            acc.addmm_(g, cols)
+            return
+        low = self.low[: g.numel()].view(g.shape).copy_(g)
+        acc += (low @ cols).to(acc.dtype)
+
+
+def workspace_width(b: int, dp: int, chunk_size: int | None, mode: str) -> int:
+    """Columns per chunk: at most chunk_size and at most one block (N or the streamed rows)."""
+    block = b * (dp if mode == "allgather" else blocks_per_step(b, dp, chunk_size))
+    return block if chunk_size is None else min(block, chunk_size)

@@ -5,12 +5,15 @@ global batch of N = b * dp). The loss equals the single-process CLIP loss over a
 
     L = 1/(2N) * sum_i [ CE(s * I_i . T_*, i) + CE(s * T_i . I_*, i) ],   s = exp(logit_scale)
 
-Forward: gather all N features (no grad), compute this rank's b rows against the N columns chunk by
-chunk with an online log-sum-exp, all-gather the per-row log-sum-exps and partial sums.
-Backward (no communication): the gradient for this rank's features is computed here, by this rank,
-from the same two b x N matrices I_r T^T and T_r I^T (recomputed per chunk): row softmaxes for its
-own rows and column softmaxes (using the gathered log-sum-exps of all N rows) for its own columns.
-See docs/loss.md for the math and the gradient convention.
+Forward: this rank's b image rows against the N texts and its b text rows against the N images,
+chunk by chunk with an online log-sum-exp; then one all-gather of the per-row cross-entropies and
+positive logits (3N numbers). The N columns come either from one all-gather of the features
+(mode "allgather": N x 2d held until backward) or streamed one owner block at a time (mode
+"stream": O(b x 2d) held, the blocks are broadcast again in backward).
+Backward: the gradient of this rank's own features is computed here, from the same two b x N
+matrices I_r T^T and T_r I^T (recomputed chunk by chunk): row softmaxes for its own rows plus
+column softmaxes (from the gathered per-row cross-entropies of all N rows) for its own columns.
+No feature gradient is sent anywhere. See docs/loss.md for the math and gradient convention.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from megaclip.loss.common import (
+    ChunkWorkspace,
     DPComm,
     acc_dtype,
-    check_chunk_size,
     check_features,
-    chunks,
+    check_options,
+    column_blocks,
+    column_chunks,
     diagonal_in_chunk,
+    workspace_width,
 )
 from megaclip.parallel.collectives import ProcessGroup
 
@@ -42,93 +48,82 @@ class ClipLossOutput(NamedTuple):
     t2i_top1: Tensor
 
 
+def _scaled(rows: Tensor, scale: Tensor) -> Tensor:
+    """s * rows, computed in the accumulation dtype and stored in the dtype of ``rows``."""
+    return (rows.to(scale.dtype) * scale).to(rows.dtype)
+
+
 def _scaled_logits(
-    rows: Tensor, cols: Tensor, scale: Tensor, pos: Tensor, offset: int, start: int, acc
+    ws: ChunkWorkspace, scaled_rows: Tensor, cols: Tensor, pos: Tensor, offset: int, start: int
 ) -> Tensor:
-    """s * rows @ cols.T in ``acc`` dtype, positive entries replaced by the canonical ``pos``.
+    """(s * rows) @ cols.T in workspace buffer 0, positive entries set to the canonical ``pos``.
 
     Both directions and both passes then see bit-identical positive logits, so softmax - onehot
     at the positives does not suffer from two GEMMs rounding I_a.T_a differently.
     """
-    logits = (rows @ cols.T).to(acc).mul_(scale)
+    logits = ws.matmul_t(0, scaled_rows, cols)
     diag = diagonal_in_chunk(logits, offset, start, start + cols.shape[0])
     if diag is not None:
-        rng = torch.arange(diag[0].start, diag[0].stop, device=rows.device)
-        logits[rng, rng + (offset - start)] = pos[diag[0]]
+        logits[diag] = pos[diag[0]]
     return logits
 
 
-def _row_ce(
-    rows: Tensor,
-    cols: Tensor,
-    scale: Tensor,
-    pos: Tensor,
-    offset: int,
-    chunk_size: int | None,
-    acc: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """Per own row a: CE_a = logsumexp_j(s rows_a.cols_j) - pos_a (online, by chunks); top-1 hits.
+class _OnlineCE:
+    """Running max, sum of exp(logit - max) and argmax of b rows, fed one column chunk at a time."""
 
-    Returned as (max - pos) + log(sum exp(logit - max)), exact to rounding of small numbers even at
-    scale 100.
-    """
-    b = rows.shape[0]
-    run_max = torch.full((b,), float("-inf"), dtype=acc, device=rows.device)
-    run_sum = torch.zeros((b,), dtype=acc, device=rows.device)  # sum_j exp(logit_j - run_max)
-    arg = torch.zeros((b,), dtype=torch.long, device=rows.device)
-    for start, stop in chunks(cols.shape[0], chunk_size):
-        logits = _scaled_logits(rows, cols[start:stop], scale, pos, offset, start, acc)  # b x c
+    def __init__(self, b: int, dtype: torch.dtype, device) -> None:
+        self.max = torch.full((b,), float("-inf"), dtype=dtype, device=device)
+        self.sum = torch.zeros((b,), dtype=dtype, device=device)
+        self.arg = torch.zeros((b,), dtype=torch.long, device=device)
+
+    def update(self, logits: Tensor, start: int) -> None:
+        """Fold in the chunk of columns [start, start + c); overwrites ``logits``."""
         m, idx = logits.max(dim=1)
-        arg = torch.where(m > run_max, idx + start, arg)
-        new_max = torch.maximum(run_max, m)
+        self.arg = torch.where(m > self.max, idx + start, self.arg)
+        new_max = torch.maximum(self.max, m)
         chunk_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
-        run_sum = run_sum * torch.exp(run_max - new_max) + chunk_sum
-        run_max = new_max
-    hits = (arg == torch.arange(offset, offset + b, device=rows.device)).sum()
-    return (run_max - pos) + run_sum.log(), hits
+        self.sum = self.sum * torch.exp(self.max - new_max) + chunk_sum
+        self.max = new_max
+
+    def result(self, pos: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        """(CE_a = logsumexp_a - pos_a as (max - pos) + log(sum), number of top-1 hits)."""
+        hits = (self.arg == torch.arange(offset, offset + pos.shape[0], device=pos.device)).sum()
+        return (self.max - pos) + self.sum.log(), hits
 
 
-def _grad_rows_and_cols(
-    rows: Tensor,
+def _grad_chunk(
+    ws: ChunkWorkspace,
+    grad: Tensor,
+    scaled_rows: Tensor,
     cols: Tensor,
-    scale: Tensor,
     pos_all: Tensor,
     ce_rows: Tensor,
     ce_cols: Tensor,
     offset: int,
-    chunk_size: int | None,
-    acc: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """(sum_j G[a, j] cols_j, sum_aj P[a, j] (logit_aj - pos_a)) with G = P + Q - 2 onehot.
+    start: int,
+) -> Tensor:
+    """grad += G @ cols with G = P + Q - 2 onehot; return sum_aj P[a, j] (logit_aj - pos_a).
 
-    logit[a, j] = s rows_a . cols_j; P = exp(logit - pos_a - ce_rows[a]) is this rank's rows of one
-    direction's softmax; Q = exp(logit - pos_j - ce_cols[j]) is column a of the other direction's
-    softmax (its rows j are the N gathered rows, ce_cols their gathered cross-entropies).
+    logit[a, j] = s rows_a . cols_j (columns start..start+c; ``scaled_rows`` = s * rows);
+    P = exp(logit - pos_a - ce_rows[a]) is this rank's rows of one direction's softmax;
+    Q = exp(logit - pos_j - ce_cols[j]) is column a of the other direction's softmax (its rows j
+    are the N gathered rows).
     """
-    b = rows.shape[0]
+    b, c = scaled_rows.shape[0], cols.shape[0]
     pos = pos_all[offset : offset + b]
-    grad = torch.zeros(rows.shape, dtype=acc, device=rows.device)
-    p_dot = torch.zeros((), dtype=acc, device=rows.device)
-    for start, stop in chunks(cols.shape[0], chunk_size):
-        cols_c = cols[start:stop]
-        logits = _scaled_logits(rows, cols_c, scale, pos, offset, start, acc)
-        g = (logits - pos_all[None, start:stop]).sub_(ce_cols[None, start:stop]).exp_()  # Q
-        logits.sub_(pos[:, None])
-        p = (logits - ce_rows[:, None]).exp_()
-        p_dot += torch.dot(p.view(-1), logits.view(-1))
-        del logits
-        g.add_(p)
-        del p
-        diag = diagonal_in_chunk(g, offset, start, stop)
-        if diag is not None:  # P_aa + Q_aa - 2 without cancellation: expm1 of -CE
-            rng = torch.arange(diag[0].start, diag[0].stop, device=rows.device)
-            own = rng + offset
-            g[rng, own - start] = torch.expm1(-ce_rows[rng]) + torch.expm1(-ce_cols[own])
-        if rows.dtype == acc:
-            grad.addmm_(g, cols_c)
-        else:
-            grad += (g.to(rows.dtype) @ cols_c).to(acc)
-    return grad, p_dot
+    logits = _scaled_logits(ws, scaled_rows, cols, pos, offset, start)
+    g = torch.sub(logits, pos_all[None, start : start + c], out=ws.view(1, b, c))
+    g.sub_(ce_cols[None, start : start + c]).exp_()
+    logits.sub_(pos[:, None])
+    p = torch.sub(logits, ce_rows[:, None], out=ws.view(2, b, c)).exp_()
+    p_dot = torch.dot(p.view(-1), logits.view(-1))
+    g.add_(p)
+    diag = diagonal_in_chunk(g, offset, start, start + c)
+    if diag is not None:  # P_aa + Q_aa - 2 without cancellation: expm1 of -CE
+        own = diag[0] + offset
+        g[diag] = torch.expm1(-ce_rows[diag[0]]) + torch.expm1(-ce_cols[own])
+    ws.add_matmul(grad, g, cols)
+    return p_dot
 
 
 class _ClipLossFn(torch.autograd.Function):
@@ -142,54 +137,71 @@ class _ClipLossFn(torch.autograd.Function):
         logit_scale: Tensor,
         comm: DPComm,
         chunk_size: int | None,
+        mode: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, d = image.shape
         acc = acc_dtype(image.dtype)
         offset, n = comm.rank * b, comm.size * b
-        feats = comm.gather(torch.cat([image, text], dim=1))  # [N, 2d], input dtype
-        img_all, txt_all = feats[:, :d], feats[:, d:]
+        local = torch.cat([image, text], dim=1).detach()  # [b, 2d]: what the columns are made of
+        gathered = comm.gather(local) if mode == "allgather" else None  # [N, 2d]
         scale = logit_scale.detach().reshape(()).to(acc).exp()
         pos = (image.to(acc) * text.to(acc)).sum(dim=1).mul_(scale)  # canonical positive logits
-        ce_i2t, hit_i2t = _row_ce(image, txt_all, scale, pos, offset, chunk_size, acc)
-        ce_t2i, hit_t2i = _row_ce(text, img_all, scale, pos, offset, chunk_size, acc)
+        image_s, text_s = _scaled(image, scale), _scaled(text, scale)
+        width = workspace_width(b, comm.size, chunk_size, mode)
+        ws = ChunkWorkspace(b, width, 1, image.dtype, image.device)
+        i2t = _OnlineCE(b, acc, image.device)
+        t2i = _OnlineCE(b, acc, image.device)
+        for start, cols in column_chunks(
+            column_blocks(comm, local, gathered, chunk_size), chunk_size
+        ):
+            i2t.update(_scaled_logits(ws, image_s, cols[:, d:], pos, offset, start), start)
+            t2i.update(_scaled_logits(ws, text_s, cols[:, :d], pos, offset, start), start)
+        ce_i2t, hit_i2t = i2t.result(pos, offset)
+        ce_t2i, hit_t2i = t2i.result(pos, offset)
         part = ce_i2t.sum() + ce_t2i.sum()
-        packed = torch.cat(
-            [pos, ce_i2t, ce_t2i, torch.stack([part, hit_i2t.to(acc), hit_t2i.to(acc)])]
-        )
-        stats = comm.gather(packed).view(comm.size, 3 * b + 3)
+        sums = torch.stack([part, hit_i2t.to(acc), hit_t2i.to(acc)])
+        stats = comm.gather(torch.cat([pos, ce_i2t, ce_t2i, sums])).view(comm.size, 3 * b + 3)
         totals = stats[:, 3 * b :].sum(dim=0)  # same order on every rank: bit-identical result
         ctx.save_for_backward(image, text, logit_scale)
-        ctx.feats = feats
+        ctx.local, ctx.gathered, ctx.comm = local, gathered, comm
         ctx.scale = scale
         ctx.per_row = [stats[:, k * b : (k + 1) * b].reshape(n) for k in range(3)]
-        ctx.meta = (comm.size, offset, chunk_size, acc)
-        loss, i2t, t2i = totals[0] / (2 * n), totals[1] / n, totals[2] / n
-        ctx.mark_non_differentiable(i2t, t2i)
-        return loss, i2t, t2i
+        ctx.meta = (offset, chunk_size, mode)
+        loss, i2t_top1, t2i_top1 = totals[0] / (2 * n), totals[1] / n, totals[2] / n
+        ctx.mark_non_differentiable(i2t_top1, t2i_top1)
+        return loss, i2t_top1, t2i_top1
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss: Tensor, _g_i2t: Tensor, _g_t2i: Tensor):  # type: ignore[override]
         image, text, logit_scale = ctx.saved_tensors
-        dp, offset, chunk_size, acc = ctx.meta
+        offset, chunk_size, mode = ctx.meta
+        comm, scale = ctx.comm, ctx.scale
         b, d = image.shape
-        n = dp * b
-        img_all, txt_all = ctx.feats[:, :d], ctx.feats[:, d:]
+        n = comm.size * b
         pos_all, ce_i2t, ce_t2i = ctx.per_row
         own = slice(offset, offset + b)
-        # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of image a.
-        gi, dot_i = _grad_rows_and_cols(
-            image, txt_all, ctx.scale, pos_all, ce_i2t[own], ce_t2i, offset, chunk_size, acc
-        )
-        # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of text a.
-        gt, dot_t = _grad_rows_and_cols(
-            text, img_all, ctx.scale, pos_all, ce_t2i[own], ce_i2t, offset, chunk_size, acc
-        )
-        g = g_loss.to(acc) * dp / (2 * n)  # dp x: see docs/loss.md, "gradient convention"
-        d_image = (g * ctx.scale * gi).to(image.dtype)
-        d_text = (g * ctx.scale * gt).to(text.dtype)
-        d_scale = (g * (dot_i + dot_t)).to(logit_scale.dtype).reshape(logit_scale.shape)
-        return d_image, d_text, d_scale, None, None
+        width = workspace_width(b, comm.size, chunk_size, mode)
+        ws = ChunkWorkspace(b, width, 3, image.dtype, image.device)
+        grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
+        grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
+        p_dot = torch.zeros((), dtype=ws.acc, device=image.device)
+        image_s, text_s = _scaled(image, scale), _scaled(text, scale)
+        blocks = column_blocks(comm, ctx.local, ctx.gathered, chunk_size)
+        for start, cols in column_chunks(blocks, chunk_size):
+            # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of image a.
+            p_dot += _grad_chunk(
+                ws, grad_i, image_s, cols[:, d:], pos_all, ce_i2t[own], ce_t2i, offset, start
+            )
+            # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of text a.
+            p_dot += _grad_chunk(
+                ws, grad_t, text_s, cols[:, :d], pos_all, ce_t2i[own], ce_i2t, offset, start
+            )
+        g = g_loss.to(ws.acc) * comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
+        d_image = (g * scale * grad_i).to(image.dtype)
+        d_text = (g * scale * grad_t).to(text.dtype)
+        d_scale = (g * p_dot).to(logit_scale.dtype).reshape(logit_scale.shape)
+        return d_image, d_text, d_scale, None, None, None
 
 
 def clip_loss_with_comm(
@@ -198,11 +210,14 @@ def clip_loss_with_comm(
     logit_scale: Tensor,
     comm: DPComm,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    mode: str = "allgather",
 ) -> ClipLossOutput:
-    """Global-batch CLIP loss; ``comm`` supplies this rank's index, the DP size and the gather."""
-    check_chunk_size(chunk_size)
+    """Global-batch CLIP loss; ``comm`` supplies this rank's index, the DP size and collectives."""
+    check_options(chunk_size, mode)
     check_features(image_features, text_features, logit_scale)
-    loss, i2t, t2i = _ClipLossFn.apply(image_features, text_features, logit_scale, comm, chunk_size)
+    loss, i2t, t2i = _ClipLossFn.apply(
+        image_features, text_features, logit_scale, comm, chunk_size, mode
+    )
     return ClipLossOutput(loss, i2t.detach(), t2i.detach())
 
 
@@ -213,32 +228,39 @@ def clip_loss(
     *,
     dp_group: ProcessGroup | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    mode: str = "allgather",
 ) -> ClipLossOutput:
     """Symmetric InfoNCE over the N = b * dp pairs of ``dp_group``, scale exp(logit_scale).
 
     ``image_features``/``text_features``: this rank's [b, d] L2-normalised features (every rank the
     same b). ``logit_scale``: the model's shape-[1] parameter holding log(scale) (open_clip's
     ``model.logit_scale``, not its exp). ``dp_group``: the data-parallel group only (never WORLD
-    under TP/PP); None = single process. Returns the global mean loss (float32, float64 for float64
-    inputs), identical on every rank; its backward yields dp * dL/d(this rank's inputs), so that
-    averaging gradients over the DP ranks (DDP/DeepSpeed) gives exactly the single-process gradient.
-    Extra memory: O(b * chunk_size) plus the gathered N x 2d features.
+    under TP/PP); None = single process. ``mode``: "allgather" (one all-gather, N x 2d features
+    held until backward) or "stream" (owner blocks broadcast one at a time in forward and again in
+    backward; O(b x 2d) held). Returns the global mean loss (float32; float64 for float64 inputs),
+    identical on every rank; its backward yields dp * dL/d(this rank's inputs), so that averaging
+    gradients over the DP ranks (DDP/DeepSpeed) gives exactly the single-process gradient.
+    Extra memory: O(b * chunk_size) plus the features held by ``mode``.
     """
     return clip_loss_with_comm(
-        image_features, text_features, logit_scale, DPComm.from_group(dp_group), chunk_size
+        image_features, text_features, logit_scale, DPComm.from_group(dp_group), chunk_size, mode
     )
 
 
 class ContrastiveLoss(nn.Module):
-    """Module form of :func:`clip_loss` with a fixed chunk size and DP group."""
+    """Module form of :func:`clip_loss` with a fixed chunk size, mode and DP group."""
 
     def __init__(
-        self, chunk_size: int | None = DEFAULT_CHUNK_SIZE, dp_group: ProcessGroup | None = None
+        self,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        dp_group: ProcessGroup | None = None,
+        mode: str = "allgather",
     ) -> None:
         super().__init__()
-        check_chunk_size(chunk_size)
+        check_options(chunk_size, mode)
         self.chunk_size = chunk_size
         self.dp_group = dp_group
+        self.mode = mode
 
     def forward(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor
@@ -250,4 +272,5 @@ class ContrastiveLoss(nn.Module):
             logit_scale,
             dp_group=self.dp_group,
             chunk_size=self.chunk_size,
+            mode=self.mode,
         )

@@ -12,6 +12,8 @@ upstream gradient g on every rank, each rank receives ``size * g``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -57,6 +59,45 @@ def gather_rows(x: Tensor, group: ProcessGroup | None) -> Tensor:
     out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather(list(out.chunk(size, dim=0)), x, group=group)
     return out
+
+
+def stream_rows(
+    x: Tensor, group: ProcessGroup | None, per_step: int = 1
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield (j, cat(x_j .. x_{j+k-1})) for j = 0, k, 2k, ..: blocks broadcast from their owners.
+
+    k = ``per_step`` owner blocks (fewer in the last step) arrive in one fresh buffer per step; the
+    next step's broadcasts run while the caller computes, so at most two steps are alive. No
+    autograd. Every rank must pass a tensor of the same shape and consume the whole iterator (the
+    broadcasts are collectives).
+    """
+    size, rank = group_size(group), group_rank(group)
+    x = x.detach().contiguous()
+    if size == 1:
+        yield 0, x
+        return
+    rows = x.shape[0]
+
+    def start(j0: int):
+        j1 = min(size, j0 + per_step)
+        buf = torch.empty(((j1 - j0) * rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        works = []
+        for j in range(j0, j1):
+            part = buf[(j - j0) * rows : (j - j0 + 1) * rows]
+            if j == rank:
+                part.copy_(x)
+            src = dist.get_global_rank(group, j)
+            works.append(dist.broadcast(part, src=src, group=group, async_op=True))
+        return j0, buf, works
+
+    pending = start(0)
+    while pending is not None:
+        j0, buf, works = pending
+        for work in works:
+            work.wait()
+        nxt = j0 + per_step
+        pending = start(nxt) if nxt < size else None
+        yield j0, buf
 
 
 class _AllGatherCat(torch.autograd.Function):

@@ -15,21 +15,26 @@ LAYOUTS: dict[str, list[list[int]]] = {
     "single": [[0], [1], [2], [3]],  # DP=1 groups of size 1
 }
 
-# Each case: kind (clip | siglip | collectives), layout, b rows per rank, d, chunk, dtype.
+# Each case: kind (clip | siglip | collectives), layout, b rows per rank, d, chunk, dtype, mode.
+_LOSS = [
+    ("world", 5, "float32"),
+    ("world", None, "float32"),
+    ("world", 7, "float32"),  # stream: 2 owner blocks (6 columns) per step
+    ("world", 9, "float32"),  # stream: 3 blocks, then the last one alone
+    ("pairs", 4, "float32"),
+    ("strided", 5, "float32"),
+    ("strided", 2, "float32"),
+    ("single", 2, "float32"),
+    ("strided", 4, "bfloat16"),
+]
 CASES: list[dict] = [
-    {"kind": "clip", "layout": "world", "b": 3, "d": 8, "chunk": 5, "dtype": "float32"},
-    {"kind": "clip", "layout": "world", "b": 3, "d": 8, "chunk": None, "dtype": "float32"},
-    {"kind": "clip", "layout": "pairs", "b": 3, "d": 8, "chunk": 4, "dtype": "float32"},
-    {"kind": "clip", "layout": "strided", "b": 3, "d": 8, "chunk": 5, "dtype": "float32"},
-    {"kind": "clip", "layout": "single", "b": 3, "d": 8, "chunk": 2, "dtype": "float32"},
-    {"kind": "clip", "layout": "strided", "b": 3, "d": 8, "chunk": 4, "dtype": "bfloat16"},
-    {"kind": "siglip", "layout": "world", "b": 3, "d": 8, "chunk": 5, "dtype": "float32"},
-    {"kind": "siglip", "layout": "pairs", "b": 3, "d": 8, "chunk": None, "dtype": "float32"},
-    {"kind": "siglip", "layout": "strided", "b": 3, "d": 8, "chunk": 5, "dtype": "float32"},
-    {"kind": "siglip", "layout": "single", "b": 3, "d": 8, "chunk": 2, "dtype": "float32"},
-    {"kind": "siglip", "layout": "world", "b": 3, "d": 8, "chunk": 7, "dtype": "bfloat16"},
-    {"kind": "collectives", "layout": "strided", "b": 2, "d": 3, "chunk": None, "dtype": "float32"},
-    {"kind": "collectives", "layout": "world", "b": 2, "d": 3, "chunk": None, "dtype": "float32"},
+    {"kind": kind, "layout": layout, "b": 3, "d": 8, "chunk": chunk, "dtype": dtype, "mode": mode}
+    for kind in ("clip", "siglip")
+    for mode in ("allgather", "stream")
+    for layout, chunk, dtype in _LOSS
+] + [
+    {"kind": "collectives", "layout": layout, "b": 2, "d": 3, "chunk": None, "dtype": "float32"}
+    for layout in ("strided", "world", "single")
 ]
 
 D_IN = 6

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megaclip.loss import clip_loss, siglip_loss
-from megaclip.parallel.collectives import all_gather_cat, all_reduce_sum
+from megaclip.parallel.collectives import all_gather_cat, all_reduce_sum, stream_rows
 from megaclip.parallel.runtime import clean_exit, init_distributed
 from tests.workers.loss_common import (
     CASES,
@@ -52,11 +52,15 @@ def run_loss_case(index: int, case: dict, rank: int, group) -> dict:
     txt.retain_grad()
     out = {}
     if case["kind"] == "clip":
-        res = clip_loss(img, txt, scale, dp_group=group, chunk_size=case["chunk"])
+        res = clip_loss(
+            img, txt, scale, dp_group=group, chunk_size=case["chunk"], mode=case["mode"]
+        )
         loss = res.loss
         out.update(i2t=res.i2t_top1, t2i=res.t2i_top1)
     else:
-        loss = siglip_loss(img, txt, scale, bias, dp_group=group, chunk_size=case["chunk"])
+        loss = siglip_loss(
+            img, txt, scale, bias, dp_group=group, chunk_size=case["chunk"], mode=case["mode"]
+        )
         out["bias_grad"] = None
     loss.backward()
     out.update(
@@ -90,6 +94,8 @@ def run_collectives_case(case: dict, rank: int, group) -> dict:
         "gather_grad": gather_grad,
         "reduce": z.detach(),
         "reduce_grad": x.grad,
+        "stream": [(j, block.clone()) for j, block in stream_rows(x, group)],
+        "stream3": [(j, block.clone()) for j, block in stream_rows(x, group, per_step=3)],
     }
 
 
