@@ -35,7 +35,7 @@ setup(
             "scikit-learn>=1.3",
         ],
         "demo": ["scikit-learn>=1.3", "pillow>=9"],
-        "dev": ["ruff>=0.6"],
+        "dev": ["ruff==0.17.6"],  # pinned: format output differs between releases
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
     },
