@@ -26,6 +26,10 @@ setup(
         "pyyaml>=6",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "regex>=2022.1",  # CLIP BPE pre-tokenizer (Unicode classes); ids match open_clip
+        "ftfy>=6.1",  # caption clean-up exactly as open_clip does it
+        "safetensors>=0.4",
+        "pillow>=9",
     ],
     extras_require={
         "test": [
