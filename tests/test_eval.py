@@ -224,6 +224,7 @@ def test_wrapped_and_bare_checkpoints_load(tmp_path):
     raw = torch.load(wrapped, weights_only=True)
     assert set(raw) == {"model_config", "state_dict"}
     assert "visual.conv1.weight" in raw["state_dict"]
+    open_clip_model(model.cfg).load_state_dict(raw["state_dict"], strict=True)
     oc = to_open_clip(model.state_dict())
     bare = str(tmp_path / "bare.pt")
     torch.save({"state_dict": {f"module.{k}": v for k, v in oc.items()}, "epoch": 3}, bare)
@@ -271,6 +272,10 @@ def test_checkpoint_errors(tmp_path):
     torch.save(partial, bare)
     with pytest.raises(CheckpointError, match="no 'text_projection'"):
         load_eval_model(bare, "cpu", "tiny")
+    pooled = {**to_open_clip(model.state_dict()), "visual.attn_pool.query": torch.zeros(2)}
+    torch.save(pooled, bare)
+    with pytest.raises(CheckpointError, match=r"key 'visual\.attn_pool\.query' does not exist"):
+        load_eval_model(bare, "cpu", "tiny")
     torch.save({"optimizer": {"lr": 1.0}}, bare)
     with pytest.raises(CheckpointError, match="not a tensor"):
         load_eval_model(bare, "cpu", "tiny")
@@ -314,6 +319,9 @@ def test_image_folder_equals_shards(folder_and_shards):
     from_folder = zeroshot_eval(model, w, folder, "cpu")
     from_shards = zeroshot_eval(model, w, shards, "cpu")
     assert from_folder == from_shards and from_folder["n"] == 12
+    two_workers = labeled_loader(shard, names, image_size=32, batch_size=5, workers=2)
+    assert zeroshot_eval(model, w, two_workers, "cpu") == from_shards
+    assert two_workers.skip_stats.ok == 12
     images_f = torch.cat([x for x, _ in folder])
     images_s = torch.cat([x for x, _ in shards])
     assert torch.equal(images_f, images_s)  # same files, same eval transform, same order

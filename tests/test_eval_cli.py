@@ -27,7 +27,7 @@ from tests.mp_util import REPO
 def demo(tmp_path_factory):
     """(demo dir, wrapped checkpoint path, val sample count): tiny model with the BPE vocabulary."""
     root = tmp_path_factory.mktemp("eval_cli")
-    manifest = make_demo(str(root / "demo"), DemoConfig(image_size=32, shards=1))
+    manifest = make_demo(str(root / "demo"), DemoConfig(image_size=32, shards=1, val_fraction=0.05))
     cfg = resolve_model({"preset": "tiny", "text": {"vocab_size": 49408}})
     model = ClipModel(cfg)
     init_parameters(model, cfg, seed=0)

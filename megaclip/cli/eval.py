@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -126,8 +127,6 @@ def _pct(x: float | None) -> str:
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
-    import os
-
     from megaclip.eval.data import labeled_loader
     from megaclip.eval.zeroshot import (
         build_classifier,

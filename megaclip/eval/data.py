@@ -224,8 +224,8 @@ def find_images(folder: str) -> list[str]:
 class ImageFolder(Dataset):
     """(image tensor [3,S,S], label) for ``root/<classnames[i]>/*.png|jpg|jpeg|webp``, label i.
 
-    The class subfolders must be exactly the class names: a missing or an extra folder, or a
-    duplicated class name, is a DataError naming it.
+    The class subfolders must be exactly the class names (hidden folders are ignored): a missing
+    or an extra folder, or a duplicated class name, is a DataError naming it.
     """
 
     def __init__(self, root: str, classnames: Sequence[str], image_size: int) -> None:
@@ -239,7 +239,11 @@ class ImageFolder(Dataset):
                     "needs one distinct subfolder per class"
                 )
             seen.add(name)
-        folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        folders = sorted(
+            d
+            for d in os.listdir(root)
+            if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
+        )
         missing = [c for c in classnames if c not in folders]
         extra = [d for d in folders if d not in seen]
         if missing or extra:
@@ -250,7 +254,8 @@ class ImageFolder(Dataset):
                 parts.append(f"folder {extra[0]!r} is not a class name ({len(extra)} extra)")
             raise DataError(
                 f"image folder {root!r} does not match the classnames file: "
-                f"{'; '.join(parts)}; subfolders must be named exactly as the class names"
+                f"{'; '.join(parts)}; subfolders must be named exactly as the class names "
+                "(for webdataset shards pass a shard spec, not their directory)"
             )
         self.items = [
             (path, label)

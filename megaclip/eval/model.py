@@ -13,6 +13,7 @@ Keys may also be megaclip's own ``ClipModel`` names (``visual.embed.conv1.weight
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -29,7 +30,7 @@ from megaclip.config.model import ClipConfig, model_from_dict, resolve_model
 from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError, ConfigError
 from megaclip.model.clip import ClipModel
-from megaclip.model.naming import to_open_clip_key
+from megaclip.model.naming import from_open_clip_key, to_open_clip_key
 
 WRAPPED_CONFIG_KEY = "model_config"
 WRAPPED_STATE_KEY = "state_dict"
@@ -178,38 +179,59 @@ def _display_key(name: str) -> str:
         return name
 
 
-def to_megaclip_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ClipModel-named state dict from open_clip keys (or megaclip keys, passed through)."""
+def to_megaclip_state(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(ClipModel-named state dict, {megaclip name: key in the file}) from open_clip keys.
+
+    Keys already in megaclip's ClipModel naming are passed through (logit_scale reshaped to [1]).
+    """
     if any(k.startswith(_MEGACLIP_PREFIXES) for k in state):
         out = dict(state)
         if "logit_scale" in out:
             out["logit_scale"] = out["logit_scale"].reshape(1)
-        return out
-    return from_open_clip(state)
+        return out, {k: k for k in out}
+    out = from_open_clip(state)
+    origin = {}
+    for key in state:
+        with contextlib.suppress(KeyError):  # ignored buffers (attn_mask) have no name
+            origin[from_open_clip_key(key)] = key
+    return out, origin
 
 
 def check_state(
-    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], model_name: str
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    model_name: str,
+    origin: Mapping[str, str] | None = None,
 ) -> None:
-    """CheckpointError naming the first missing, mis-shaped or unexpected key (open_clip names)."""
+    """CheckpointError naming the first missing, mis-shaped or unexpected key (open_clip names).
+
+    ``origin`` maps megaclip names to the keys as spelled in the file (for the messages).
+    """
+
+    def shown(name: str) -> str:
+        return origin[name] if origin and name in origin else _display_key(name)
+
     for name, shape in expected.items():
         if name not in state:
             raise CheckpointError(
-                f"checkpoint has no '{_display_key(name)}' required by model {model_name}: it "
+                f"checkpoint has no '{shown(name)}' required by model {model_name}: it "
                 "is of another architecture; pass the matching --model"
             )
         got = tuple(state[name].shape)
         if got != tuple(shape):
             raise CheckpointError(
-                f"shape mismatch at '{_display_key(name)}': checkpoint {got} vs model "
+                f"shape mismatch at '{shown(name)}': checkpoint {got} vs model "
                 f"{model_name} {tuple(shape)}; the checkpoint is of another architecture, pass "
                 "the matching --model"
             )
     extra = next((k for k in state if k not in expected), None)
     if extra is not None:
         raise CheckpointError(
-            f"checkpoint key '{_display_key(extra)}' does not exist in model {model_name}: it is "
-            "of another architecture; pass the matching --model"
+            f"checkpoint key '{shown(extra)}' does not exist in model {model_name}: it is "
+            "of another architecture (or an open_clip variant megaclip cannot import); pass the "
+            "matching --model"
         )
 
 
@@ -227,10 +249,10 @@ def load_eval_model(
     """
     state, embedded = read_checkpoint(path)
     cfg = resolve_eval_config(path, embedded, model)
-    state = to_megaclip_state(state)
+    state, origin = to_megaclip_state(state)
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         net = ClipModel(cfg)
-    check_state(state, {k: v.shape for k, v in net.state_dict().items()}, cfg.name)
+    check_state(state, {k: v.shape for k, v in net.state_dict().items()}, cfg.name, origin)
     net.load_state_dict(state, strict=True, assign=True)
     return net.to(device=device, dtype=dtype).eval()
 
