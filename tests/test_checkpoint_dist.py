@@ -19,6 +19,7 @@ import torch
 from megaclip.checkpoint.atomic import read_latest
 from megaclip.checkpoint.export import import_open_clip, load_open_clip_file
 from megaclip.checkpoint.openclip import from_open_clip, open_clip_model
+from megaclip.checkpoint.reader import read_checkpoint
 from megaclip.cli.main import main as cli
 from megaclip.config.model import load_preset, model_from_dict
 from megaclip.loss.contrastive import clip_loss
@@ -152,28 +153,45 @@ def test_reshape_import_open_clip_and_reject_other_architecture(run_a, tmp_path)
     assert step == 0 and abs(got - want) <= 1e-5 * abs(want), (got, want)
 
 
-def test_zero3_resume_after_killed_save_and_reshape_to_tp2(run_a, run_z, tmp_path):
-    """Z's killed step-4 save left step-2 as latest; DP2 ZeRO-3 resumes it exactly. Then
-    A is reshaped to (2, 1, 1) with ZeRO-0 (one launch: TP=1 phases must come first)."""
+def test_zero3_resume_after_killed_save_and_reshapes(run_a, run_z, tmp_path):
+    """Z's killed step-4 save left step-2 as latest; DP2 ZeRO-3 resumes it exactly. A is then
+    reshaped into DP2 ZeRO-3, the bf16 optimizers (DP2 ZeRO-1 and ZeRO-0: re-saved and read back
+    exactly) and (2, 1, 1) ZeRO-0. One launch: TP = 1 phases must come first (DeepSpeed keeps
+    the first engine's mpu)."""
     out_z, losses_z = run_z
     out_a, losses_a = run_a
     assert read_latest(out_z / "ckpt") == "step-2"
     assert (out_z / "ckpt" / "tmp-step-4").is_dir()
-    tp2 = {"tp": 2, "zero": 0, "micro": 4, "accum": 2}
+    a_root = str(out_a / "ckpt")
+    bf16 = {"micro": 4, "precision": "bf16"}
+
+    def resume(root):
+        return [{"do": "load", "root": root}, {"do": "train", "steps": 2}]
+
+    def resave(name):
+        return [{"do": "load", "root": a_root}, {"do": "save", "root": str(tmp_path / name)}]
+
     phases = [
-        {
-            "layout": Z_LAYOUT,
-            "actions": [{"do": "load", "root": str(out_z / "ckpt")}, {"do": "train", "steps": 2}],
-        },
-        {
-            "layout": tp2,
-            "actions": [{"do": "load", "root": str(out_a / "ckpt")}, {"do": "train", "steps": 2}],
-        },
+        {"layout": Z_LAYOUT, "actions": resume(str(out_z / "ckpt"))},
+        {"layout": Z_LAYOUT, "actions": resume(a_root)},
+        {"layout": {"zero": 1, **bf16}, "actions": resave("bf16-zero1")},
+        {"layout": {"zero": 0, **bf16}, "actions": resave("bf16-zero0")},
+        {"layout": {"tp": 2, "zero": 0, "micro": 4, "accum": 2}, "actions": resume(a_root)},
     ]
     log = _launch(tmp_path, 2, phases)
     assert log[0][2] == {"client": {"next_step": 2, "rank": 0}, "step": 2}
     _assert_same_losses(_losses(log, 0), losses_z[2:], 1e-6)
     _assert_same_losses(_losses(log, 1), losses_a[2:], 1e-5)
+    _assert_same_losses(_losses(log, 4), losses_a[2:], 1e-5)
+    want = read_checkpoint(a_root, optimizer=True)
+    for name in ("bf16-zero1", "bf16-zero0"):
+        got = read_checkpoint(tmp_path / name, optimizer=True)
+        assert got.meta.parallel["precision"] == "bf16" and got.lr_scheduler["last_epoch"] == 2
+        assert got.adam_step == want.adam_step == 2
+        for key in want.params:
+            assert torch.equal(got.params[key], want.params[key]), (name, key)
+            for m in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(got.moments[m][key], want.moments[m][key]), (name, m, key)
 
 
 def _features(encode_image, encode_text):

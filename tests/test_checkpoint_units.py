@@ -61,11 +61,11 @@ def test_step_tags():
 
 
 def test_architecture_check():
-    meta = CheckpointMeta(model=to_dict(CFG), parallel={}, step=1)
-    check_same_model(meta, CFG.with_overrides(name="renamed"), "ckpt")  # names do not matter
+    saved = to_dict(CFG)
+    check_same_model(saved, CFG.with_overrides(name="renamed"), "ckpt")  # names do not matter
     other = load_preset("tiny")
     with pytest.raises(CheckpointError, match=r"different architecture.*embed_dim: 16 -> 32"):
-        check_same_model(meta, other, "ckpt")
+        check_same_model(saved, other, "ckpt")
 
 
 def test_zero3_piece_pads_the_last_rank():

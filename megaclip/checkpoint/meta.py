@@ -136,13 +136,13 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return out
 
 
-def check_same_model(meta: CheckpointMeta, cfg: ClipConfig, where: str) -> None:
-    """Raise CheckpointError if the checkpoint's architecture is not ``cfg``'s."""
-    diffs = model_differences(meta.model, to_dict(cfg))
+def check_same_model(saved: dict[str, Any], cfg: ClipConfig, where: str) -> None:
+    """Raise CheckpointError if the saved model mapping's architecture is not ``cfg``'s."""
+    diffs = model_differences(saved, to_dict(cfg))
     if diffs:
         shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
         raise CheckpointError(
-            f"{where} holds a different architecture (model '{meta.model.get('name')}') than "
+            f"{where} holds a different architecture (model '{saved.get('name')}') than "
             f"this run's model '{cfg.name}': {shown}. Use the same model config to load it"
         )
 

@@ -175,6 +175,11 @@ class _Shard:
         opt = self.model_states().get("optimizer") or {}
         if "fp32_groups" in opt:
             return self._unfused(keys, opt)
+        if self.par["precision"] != "fp32":
+            raise CheckpointError(
+                f"{self.root}: the {self.par['precision']} ZeRO-0 optimizer state of this "
+                "checkpoint is not in a format megaclip can read (no fp32 master copies found)"
+            )
         return self._plain(keys, opt)
 
     def _optim(self, dp_rank: int) -> dict:
@@ -350,6 +355,7 @@ def read_checkpoint(
                 adam_step = shards[0].adam_step()
         if not use_master:
             params.update(_merge_tp([s.module() for s in shards], where))
+    _fill_frozen(root, meta, params, moments, expected_shapes(cfg))
     _check_complete(params, cfg, root)
     state = FullState(meta=meta, params=params, moments=moments, adam_step=adam_step)
     if optimizer:
@@ -364,6 +370,27 @@ def read_checkpoint(
             if rs.is_file():
                 state.client_states[rank] = load_file(rs).get("client_state")
     return state
+
+
+def _fill_frozen(
+    root: Path,
+    meta: CheckpointMeta,
+    params: dict[str, torch.Tensor],
+    moments: dict[str, dict[str, torch.Tensor]],
+    want: dict[str, torch.Size],
+) -> None:
+    """Frozen parameters (train.lock_image/text) have no fp32 master: take the module's."""
+    if not set(want) - set(params) or meta.parallel["zero_stage"] == 3:
+        return
+    par = meta.parallel
+    for stage in range(par["pp"]):
+        shards = [_Shard(root, meta, stage, t) for t in range(par["tp"])]
+        module = _merge_tp([s.module() for s in shards], f"{root} stage {stage}")
+        for name, value in module.items():
+            if name not in params:
+                params[name] = value.float()
+                for per_name in moments.values():
+                    per_name[name] = torch.zeros_like(params[name])
 
 
 def _check_complete(params: dict[str, torch.Tensor], cfg: ClipConfig, root: Path) -> None:

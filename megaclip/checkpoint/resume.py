@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,20 @@ def _local_leader() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and broadcast its result; its failure raises on every rank."""
+    box: list[Any] = [None, None]
+    if _rank0():
+        try:
+            box = [fn(), None]
+        except (CheckpointError, OSError) as err:
+            box = [None, f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CheckpointError(box[1])
+    return box[0]
+
+
 def save_checkpoint(
     clip_engine,
     ckpt_root: str | Path,
@@ -114,15 +129,15 @@ def save_checkpoint(
     """
     root = Path(ckpt_root)
     rank = dist.get_rank()
-    box: list[Any] = [None]
-    if _rank0():
+
+    def prepare() -> str:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale(root)
         tag = step_tag(step, set(complete_tags(root)))
         (root / (TMP_PREFIX + tag)).mkdir()
-        box = [tag]
-    dist.broadcast_object_list(box, src=0)
-    tag = box[0]
+        return tag
+
+    tag = _on_rank0(prepare)
     tmp = root / (TMP_PREFIX + tag)
     clip_engine.engine.save_checkpoint(
         str(root), tag=tmp.name, client_state={"megaclip_step": int(step)}, save_latest=False
@@ -135,7 +150,7 @@ def save_checkpoint(
             "rng": rng_state(),
             "client_state": client_state if client_state is not None else {},
             "optimizer_param_names": optimizer_param_names(clip_engine),
-            "coords": tuple(vars(clip_engine.topo.coords).values()),
+            "coords": {k: getattr(clip_engine.topo.coords, k) for k in ("pp", "dp", "tp")},
         },
         rank_file,
     )
@@ -144,7 +159,8 @@ def save_checkpoint(
     if _local_leader():
         fsync_tree(tmp)  # the data of every process of this node
     dist.barrier()
-    if _rank0():
+
+    def publish() -> None:
         fault_point("files", True)
         meta = make_meta(clip_engine.cfg, clip_engine.par, step, file_manifest(tmp))
         write_atomic(tmp / META_FILE, meta.to_json())
@@ -152,7 +168,8 @@ def save_checkpoint(
         commit(root, tmp.name, tag, fault=True)
         rotate(root, keep_last)
         fault_point("rotate", True)
-    dist.barrier()
+
+    _on_rank0(publish)
     return root / tag
 
 
@@ -186,7 +203,7 @@ def load_checkpoint(clip_engine, ckpt_dir: str | Path) -> dict[str, Any]:
     if (ckpt_dir / UNIVERSAL_META).is_file():
         return load_universal(clip_engine, ckpt_dir)
     meta = read_meta(ckpt_dir)
-    check_same_model(meta, clip_engine.cfg, str(ckpt_dir))
+    check_same_model(meta.model, clip_engine.cfg, str(ckpt_dir))
     verify_files(ckpt_dir, meta)
     if layout_key(meta.parallel) != layout_key(clip_engine.par):
         return _load_resharded(clip_engine, ckpt_dir)
@@ -211,13 +228,17 @@ def _load_resharded(clip_engine, ckpt_dir: Path) -> dict[str, Any]:
     from megaclip.checkpoint.universal import UNIVERSAL_META, convert_to_universal, load_universal
 
     target = ckpt_dir / UNIVERSAL_SUBDIR
-    box: list[Any] = [None]
-    if _rank0() and not (target / UNIVERSAL_META).is_file():
-        try:
+
+    def convert() -> None:
+        if not (target / UNIVERSAL_META).is_file():
             convert_to_universal(ckpt_dir, target)
-        except CheckpointError as err:
-            box = [str(err)]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise CheckpointError(box[0])
+
+    try:
+        _on_rank0(convert)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"resuming {ckpt_dir} in another layout needs its universal form, which could not "
+            f"be written ({err}); run `megaclip convert {ckpt_dir} --to universal --out DIR` "
+            "and resume from DIR"
+        ) from None
     return load_universal(clip_engine, target)

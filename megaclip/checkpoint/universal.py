@@ -66,8 +66,13 @@ def write_universal(
     for name, value in params.items():
         entry = {"fp32": value.detach().float().clone()}
         if with_moments:
-            for key in MOMENTS:
-                entry[key] = moments[key][name].detach().float().clone()
+            for key in MOMENTS:  # frozen parameters have no moments: zeros
+                value_m = moments[key].get(name)
+                entry[key] = (
+                    torch.zeros_like(entry["fp32"])
+                    if value_m is None
+                    else value_m.detach().float().clone()
+                )
         torch.save(entry, tmp / PARAM_DIR / f"{name}.pt")
     if state is not None:
         torch.save(state, tmp / STATE_FILE)
@@ -150,7 +155,7 @@ def load_universal(clip_engine, path: str | Path, *, weights_only: bool = False)
     """
     path = Path(path)
     record = read_universal_meta(path)
-    check_same_model(_as_meta(record), clip_engine.cfg, str(path))
+    check_same_model(record["model"], clip_engine.cfg, str(path))
     with_opt = not weights_only and record.get("has_optimizer", False)
     keys = ("fp32", *MOMENTS) if with_opt else ("fp32",)
     apply_full_state(
@@ -172,12 +177,6 @@ def load_universal(clip_engine, path: str | Path, *, weights_only: bool = False)
     return clients.get(0, {}) if clients else {}
 
 
-def _as_meta(record: dict[str, Any]):
-    from megaclip.checkpoint.meta import CheckpointMeta
-
-    return CheckpointMeta(model=record["model"], parallel={}, step=int(record.get("step", 0)))
-
-
 def initialize_from(clip_engine, path: str | Path) -> None:
     """Replace the engine's initial weights (all ranks, any layout) by those of ``path``.
 
@@ -194,12 +193,12 @@ def initialize_from(clip_engine, path: str | Path) -> None:
         return
     if path.is_dir():
         full = read_checkpoint(path, fp32_master=True)
-        check_same_model(full.meta, clip_engine.cfg, str(path))
+        check_same_model(full.meta.model, clip_engine.cfg, str(path))
         params = full.params
     else:
         model_cfg, oc_state = load_open_clip_file(path)
         if model_cfg is not None:
-            check_same_model(_as_meta({"model": model_cfg}), clip_engine.cfg, str(path))
+            check_same_model(model_cfg, clip_engine.cfg, str(path))
         params = from_open_clip(oc_state)
         check_shapes(params, clip_engine.cfg, str(path))
     apply_full_state(clip_engine, lambda name: {"fp32": params[name]}, moments=False)
