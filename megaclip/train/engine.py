@@ -344,3 +344,25 @@ class ClipEngine:
         src = dist.get_process_group_ranks(self.topo.pp_group)[-1]
         dist.broadcast(metrics, src=src, group=self.topo.pp_group)
         return metrics, t_feat
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(
+        self, ckpt_root: str, client_state: dict | None = None, *, keep_last: int | None = None
+    ):
+        """Atomically save the training state as ``ckpt_root/step-<step_count>`` (collective)."""
+        from megaclip.checkpoint.resume import save_checkpoint
+
+        return save_checkpoint(self, ckpt_root, self.step_count, client_state, keep_last=keep_last)
+
+    def load_latest(self, ckpt_root: str) -> dict | None:
+        """Resume from ``ckpt_root/latest`` (any saved layout); its client_state or None."""
+        from megaclip.checkpoint.resume import load_latest
+
+        return load_latest(self, ckpt_root)
+
+    def initialize_from(self, path: str) -> None:
+        """Replace the initial weights by an open_clip file / universal / megaclip checkpoint."""
+        from megaclip.checkpoint.universal import initialize_from
+
+        initialize_from(self, path)

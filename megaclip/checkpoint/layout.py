@@ -1,0 +1,98 @@
+"""Pure naming and partition rules of megaclip checkpoints (no process groups, no files).
+
+Offline tools (the converter) see parameter *names* only, never the parameter objects that carry
+``partition_dim`` / ``partition_stride``; :func:`tp_partition` derives the same rules from the
+name. A unit test checks it against the live attributes of every parameter of a model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from megaclip.model.naming import strip_prefix
+
+# (name suffix pattern, partition dim, stride): megaclip's ColumnLinear / RowLinear layers.
+_TP_RULES: tuple[tuple[re.Pattern[str], int, int], ...] = (
+    (re.compile(r"\.attn\.qkv\.(weight|bias)$"), 0, 3),  # column-parallel, [q; k; v] stacked
+    (re.compile(r"\.mlp\.c_fc\.(weight|bias)$"), 0, 1),  # column-parallel
+    (re.compile(r"\.(attn\.out_proj|mlp\.c_proj)\.weight$"), 1, 1),  # row-parallel
+)
+_STAGE = re.compile(r"^(\d+)\.")
+_TAG = re.compile(r"^step-(\d+)(?:-(\d+))?$")
+
+
+def tp_partition(name: str) -> tuple[int | None, int]:
+    """(partition dim or None if replicated, stride) of the parameter called ``name``.
+
+    qkv weight/bias: dim 0, stride 3; mlp.c_fc: dim 0; attn.out_proj / mlp.c_proj weights:
+    dim 1; everything else (norms, embeddings, projections, row-parallel biases): replicated.
+    """
+    for pattern, dim, stride in _TP_RULES:
+        if pattern.search(name):
+            return dim, stride
+    return None, 1
+
+
+def canonical_name(name: str) -> str:
+    """The ClipModel parameter name of ``name`` (drops ``module.`` and pipeline-layer prefixes)."""
+    return strip_prefix(name)
+
+
+def stage_of(name: str) -> int | None:
+    """Pipeline layer index of a PipelineModule parameter name ("3.visual..." -> 3), else None."""
+    m = _STAGE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def step_tag(step: int, existing: set[str] | frozenset[str] = frozenset()) -> str:
+    """Directory name of the checkpoint of ``step``: ``step-N``, or ``step-N-k`` if taken."""
+    tag = f"step-{step}"
+    k = 0
+    while tag in existing:
+        k += 1
+        tag = f"step-{step}-{k}"
+    return tag
+
+
+def parse_tag(tag: str) -> tuple[int, int] | None:
+    """(step, repeat) of a ``step-N[-k]`` directory name, None for anything else."""
+    m = _TAG.match(tag)
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """DeepSpeed 0.19 file names of one (pipeline stage, TP rank) model shard of a layout."""
+
+    stage: int
+    tp_rank: int
+    tp: int
+    pp: int
+
+    @property
+    def mp_rank(self) -> int:
+        """DeepSpeed's model-parallel rank: stage * tp + tp_rank (TP fastest)."""
+        return self.stage * self.tp + self.tp_rank
+
+    def model_states(self, zero_stage: int, dp_rank: int = 0) -> str:
+        """The engine's model-states file (holds 'module' when pp == 1 and ZeRO < 3)."""
+        if zero_stage == 3:
+            return f"zero_pp_rank_{dp_rank}_mp_rank_{self.mp_rank:02d}_model_states.pt"
+        return f"mp_rank_{self.mp_rank:02d}_model_states.pt"
+
+    def layer_states(self) -> str:
+        """The PipelineModule layer file of this stage and TP rank (pp > 1 only)."""
+        return f"layer_{self.stage:02d}-model_{self.tp_rank:02d}-model_states.pt"
+
+    def optim_states(self, dp_rank: int, bf16_zero0: bool = False) -> str:
+        """ZeRO (or bf16 optimizer) partition file of one DP rank."""
+        prefix = "bf16_" if bf16_zero0 else ""
+        return f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{self.mp_rank:02d}_optim_states.pt"
+
+
+def zero3_partition_numel(numel: int, dp: int) -> int:
+    """Elements per DP rank of a ZeRO-3 partitioned parameter: ceil(numel / dp) (last padded)."""
+    return -(-numel // dp)

@@ -1,0 +1,244 @@
+"""Save and resume training through DeepSpeed, atomically, for every (tp, pp, dp, ZeRO) layout.
+
+``save_checkpoint`` writes DeepSpeed's files (module, ZeRO/optimizer partitions, LR scheduler,
+step counters) plus, per rank, the RNG states and the caller's ``client_state``, into
+``ckpt_root/tmp-step-N``; then rank 0 writes ``megaclip_meta.json`` (model, layout, step, the
+size of every file), fsyncs, renames the directory to ``step-N``, replaces ``latest`` and
+rotates old checkpoints. Every rank calls both functions (they contain collectives).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaclip.checkpoint.atomic import (
+    TMP_PREFIX,
+    commit,
+    complete_tags,
+    fault_point,
+    fsync_path,
+    fsync_tree,
+    read_latest,
+    remove_stale,
+    rotate,
+    write_atomic,
+)
+from megaclip.checkpoint.layout import step_tag
+from megaclip.checkpoint.meta import (
+    META_FILE,
+    check_same_model,
+    file_manifest,
+    layout_key,
+    make_meta,
+    read_meta,
+    verify_files,
+)
+from megaclip.checkpoint.reader import load_file, rank_state_file
+from megaclip.errors import CheckpointError
+from megaclip.parallel.runtime import accelerator
+
+UNIVERSAL_SUBDIR = "universal"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch CPU, accelerator (if not CPU), python, numpy."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    acc = accelerator()
+    if acc.device_name() != "cpu":
+        state["accelerator"] = acc.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "accelerator" in state:
+        accelerator().set_rng_state(state["accelerator"])
+
+
+def optimizer_param_names(clip_engine) -> list[list[str]] | None:
+    """Module parameter names per optimizer group, in the optimizer's index order.
+
+    Needed for ZeRO-0, whose saved torch state dict knows indices only (fp32: the optimizer's
+    own params; bf16: its ``fp16_groups``, whose fp32 copies it steps). ZeRO and the bf16
+    optimizer record names themselves (``param_slice_mappings``). None if not resolvable.
+    """
+    opt = clip_engine.engine.optimizer
+    names = {id(p): n for n, p in clip_engine.engine.module.named_parameters()}
+    groups = getattr(opt, "fp16_groups", None)
+    if groups is None:
+        groups = [g["params"] for g in getattr(opt, "param_groups", None) or []]
+    out = []
+    for group in groups:
+        ids = [id(p) for p in group]
+        if not all(i in names for i in ids):
+            return None
+        out.append([names[i] for i in ids])
+    return out
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _local_leader() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and broadcast its result; its failure raises on every rank."""
+    box: list[Any] = [None, None]
+    if _rank0():
+        try:
+            box = [fn(), None]
+        except (CheckpointError, OSError) as err:
+            box = [None, f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CheckpointError(box[1])
+    return box[0]
+
+
+def save_checkpoint(
+    clip_engine,
+    ckpt_root: str | Path,
+    step: int,
+    client_state: dict[str, Any] | None = None,
+    *,
+    keep_last: int | None = None,
+) -> Path:
+    """Atomically save the full training state as ``ckpt_root/step-N``; returns that path.
+
+    Collective: every rank must call it. A save killed at any point leaves the previous
+    checkpoint complete and ``latest`` naming it. ``keep_last``: keep that many newest
+    checkpoints (older ones are deleted only after the new one is published).
+    """
+    root = Path(ckpt_root)
+    rank = dist.get_rank()
+
+    def prepare() -> str:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale(root)
+        tag = step_tag(step, set(complete_tags(root)))
+        (root / (TMP_PREFIX + tag)).mkdir()
+        return tag
+
+    tag = _on_rank0(prepare)
+    tmp = root / (TMP_PREFIX + tag)
+    clip_engine.engine.save_checkpoint(
+        str(root), tag=tmp.name, client_state={"megaclip_step": int(step)}, save_latest=False
+    )
+    rank_file = tmp / rank_state_file(rank)
+    rank_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "step": int(step),
+            "rng": rng_state(),
+            "client_state": client_state if client_state is not None else {},
+            "optimizer_param_names": optimizer_param_names(clip_engine),
+            "coords": {k: getattr(clip_engine.topo.coords, k) for k in ("pp", "dp", "tp")},
+        },
+        rank_file,
+    )
+    fsync_path(rank_file)
+    dist.barrier()
+    if _local_leader():
+        fsync_tree(tmp)  # the data of every process of this node
+    dist.barrier()
+
+    def publish() -> None:
+        fault_point("files", True)
+        meta = make_meta(clip_engine.cfg, clip_engine.par, step, file_manifest(tmp))
+        write_atomic(tmp / META_FILE, meta.to_json())
+        fault_point("meta", True)
+        commit(root, tmp.name, tag, fault=True)
+        rotate(root, keep_last)
+        fault_point("rotate", True)
+
+    _on_rank0(publish)
+    return root / tag
+
+
+def load_latest(clip_engine, ckpt_root: str | Path) -> dict[str, Any] | None:
+    """Resume from the checkpoint ``ckpt_root/latest`` names; its client_state, or None if none.
+
+    Collective. Same layout: DeepSpeed's loader (weights, optimizer, scheduler, counters) plus
+    this rank's RNG states. Another (tp, pp, dp, ZeRO, precision): see :func:`load_checkpoint`.
+    """
+    root = Path(ckpt_root)
+    tag = read_latest(root)
+    if tag is None:
+        return None
+    path = root / tag
+    if not path.is_dir():
+        raise CheckpointError(f"{root}/latest names '{tag}' but {path} does not exist")
+    return load_checkpoint(clip_engine, path)
+
+
+def load_checkpoint(clip_engine, ckpt_dir: str | Path) -> dict[str, Any]:
+    """Resume from one checkpoint directory (a DeepSpeed ``step-N`` or a universal one).
+
+    When the saved layout differs from this run's, the checkpoint is first converted (by rank
+    0, once, into ``ckpt_dir/universal``) to the layout-free universal format and loaded from
+    there: weights, Adam moments and step counters carry over; RNG states do not, and every
+    rank receives rank 0's client_state.
+    """
+    from megaclip.checkpoint.universal import UNIVERSAL_META, load_universal
+
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / UNIVERSAL_META).is_file():
+        return load_universal(clip_engine, ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    check_same_model(meta.model, clip_engine.cfg, str(ckpt_dir))
+    verify_files(ckpt_dir, meta)
+    if layout_key(meta.parallel) != layout_key(clip_engine.par):
+        return _load_resharded(clip_engine, ckpt_dir)
+    try:
+        path, _ = clip_engine.engine.load_checkpoint(
+            str(ckpt_dir.parent),
+            tag=ckpt_dir.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir}: {err}") from None
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint files in {ckpt_dir}")
+    rank_state = load_file(ckpt_dir / rank_state_file(dist.get_rank()))
+    set_rng_state(rank_state["rng"])
+    clip_engine.step_count = meta.step
+    return rank_state["client_state"]
+
+
+def _load_resharded(clip_engine, ckpt_dir: Path) -> dict[str, Any]:
+    from megaclip.checkpoint.universal import UNIVERSAL_META, convert_to_universal, load_universal
+
+    target = ckpt_dir / UNIVERSAL_SUBDIR
+
+    def convert() -> None:
+        if not (target / UNIVERSAL_META).is_file():
+            convert_to_universal(ckpt_dir, target)
+
+    try:
+        _on_rank0(convert)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"resuming {ckpt_dir} in another layout needs its universal form, which could not "
+            f"be written ({err}); run `megaclip convert {ckpt_dir} --to universal --out DIR` "
+            "and resume from DIR"
+        ) from None
+    return load_universal(clip_engine, target)

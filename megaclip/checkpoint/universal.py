@@ -1,0 +1,343 @@
+"""The layout-free "universal" format, and loading full tensors into an engine of any layout.
+
+A universal checkpoint is a directory::
+
+    megaclip_universal.json   model config, step, Adam step, source layout, parameter list
+    state.pt                  LR scheduler state, engine counters, client states (optional)
+    params/<name>.pt          {"fp32": full tensor, "exp_avg": ..., "exp_avg_sq": ...}
+
+with ClipModel parameter names and full (unsharded) fp32 tensors. One file per parameter lets
+each rank read only the parameters of its own pipeline stage. Loading cuts each tensor to this
+rank's TP shard (:func:`megaclip.parallel.shapes.shard`) and writes it into the module weights,
+the ZeRO / bf16 fp32 master partition and the Adam state of the partition, using DeepSpeed's
+fragment addresses (``param._hp_mapping``), so every ZeRO stage and pipeline layout works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megaclip.checkpoint.atomic import fsync_tree
+from megaclip.checkpoint.layout import canonical_name, tp_partition
+from megaclip.checkpoint.meta import check_same_model
+from megaclip.checkpoint.reader import MOMENTS, expected_shapes, load_file, read_checkpoint
+from megaclip.config.model import ClipConfig, model_from_dict
+from megaclip.config.schema import to_dict
+from megaclip.errors import CheckpointError, ConfigError
+from megaclip.parallel.layers import partition_of
+from megaclip.parallel.shapes import shard
+
+UNIVERSAL_META = "megaclip_universal.json"
+UNIVERSAL_FORMAT = "megaclip-universal"
+PARAM_DIR = "params"
+STATE_FILE = "state.pt"
+
+Entry = dict[str, torch.Tensor]  # "fp32" (+ moments) -> full tensor
+
+
+def write_universal(
+    out_dir: str | Path,
+    cfg: ClipConfig,
+    params: Mapping[str, torch.Tensor],
+    moments: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    *,
+    step: int = 0,
+    adam_step: int | None = None,
+    state: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Write a universal checkpoint (atomically: ``out_dir.tmp`` then rename); returns it."""
+    out = Path(out_dir)
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; choose another --out or remove it")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / PARAM_DIR).mkdir(parents=True)
+    moments = moments or {}
+    with_moments = bool(moments) and all(moments.get(k) for k in MOMENTS)
+    for name, value in params.items():
+        entry = {"fp32": value.detach().float().clone()}
+        if with_moments:
+            for key in MOMENTS:  # frozen parameters have no moments: zeros
+                value_m = moments[key].get(name)
+                entry[key] = (
+                    torch.zeros_like(entry["fp32"])
+                    if value_m is None
+                    else value_m.detach().float().clone()
+                )
+        torch.save(entry, tmp / PARAM_DIR / f"{name}.pt")
+    if state is not None:
+        torch.save(state, tmp / STATE_FILE)
+    record = {
+        "format": UNIVERSAL_FORMAT,
+        "version": 1,
+        "model": to_dict(cfg),
+        "step": int(step),
+        "adam_step": adam_step,
+        "has_optimizer": with_moments,
+        "source": source or {},
+        "params": {name: list(value.shape) for name, value in params.items()},
+    }
+    (tmp / UNIVERSAL_META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    fsync_tree(tmp)
+    os.rename(tmp, out)
+    return out
+
+
+def read_universal_meta(path: str | Path) -> dict[str, Any]:
+    """The record of a universal checkpoint (CheckpointError if ``path`` is not one)."""
+    meta_path = Path(path) / UNIVERSAL_META
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{path} is not a megaclip universal checkpoint (no {UNIVERSAL_META})"
+        )
+    try:
+        record = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({err})") from None
+    if record.get("format") != UNIVERSAL_FORMAT:
+        raise CheckpointError(f"{meta_path} is not a megaclip universal checkpoint record")
+    return record
+
+
+def universal_model_config(record: dict[str, Any], where: str) -> ClipConfig:
+    """The model config a universal record holds."""
+    try:
+        return model_from_dict(dict(record["model"]), where=f"{where} model")
+    except (ConfigError, KeyError) as err:
+        raise CheckpointError(f"{where}: invalid model config ({err})") from None
+
+
+def convert_to_universal(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Offline: a DeepSpeed checkpoint of any layout -> universal (fp32 masters + Adam moments)."""
+    full = read_checkpoint(ckpt, fp32_master=True, optimizer=True)
+    state = {
+        "lr_scheduler": full.lr_scheduler,
+        "engine": full.engine_state,
+        "client_states": full.client_states,
+    }
+    return write_universal(
+        out_dir,
+        full.meta.model_config,
+        full.params,
+        full.moments,
+        step=full.meta.step,
+        adam_step=full.adam_step,
+        state=state,
+        source={"parallel": full.meta.parallel, "checkpoint": str(ckpt)},
+    )
+
+
+def _fetcher(path: Path, keys: tuple[str, ...]) -> Callable[[str], Entry]:
+    def fetch(name: str) -> Entry:
+        entry = load_file(path / PARAM_DIR / f"{name}.pt")
+        missing = [k for k in keys if k not in entry]
+        if missing:
+            raise CheckpointError(f"{path / PARAM_DIR / name}.pt lacks '{missing[0]}'")
+        return entry
+
+    return fetch
+
+
+def load_universal(clip_engine, path: str | Path, *, weights_only: bool = False) -> dict[str, Any]:
+    """Load a universal checkpoint into a running engine of any layout; rank 0's client_state.
+
+    Collective. Weights always; unless ``weights_only``, also the Adam moments and step, the LR
+    scheduler, DeepSpeed's step counters and ``clip_engine.step_count``.
+    """
+    path = Path(path)
+    record = read_universal_meta(path)
+    check_same_model(record["model"], clip_engine.cfg, str(path))
+    with_opt = not weights_only and record.get("has_optimizer", False)
+    keys = ("fp32", *MOMENTS) if with_opt else ("fp32",)
+    apply_full_state(
+        clip_engine, _fetcher(path, keys), moments=with_opt, adam_step=record.get("adam_step")
+    )
+    if weights_only:
+        return {}
+    state = load_file(path / STATE_FILE) if (path / STATE_FILE).is_file() else {}
+    if state.get("lr_scheduler") is not None and clip_engine.engine.lr_scheduler is not None:
+        sched = clip_engine.engine.lr_scheduler
+        sched.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
+    for key, value in (state.get("engine") or {}).items():
+        if value is not None:
+            setattr(clip_engine.engine, key, value)
+    clip_engine.step_count = int(record.get("step", 0))
+    clients = state.get("client_states") or {}
+    return clients.get(0, {}) if clients else {}
+
+
+def initialize_from(clip_engine, path: str | Path) -> None:
+    """Replace the engine's initial weights (all ranks, any layout) by those of ``path``.
+
+    ``path``: a universal directory (e.g. from ``megaclip convert --to megaclip``), a megaclip
+    DeepSpeed checkpoint (root or step directory, any layout; fp32 masters), or an open_clip
+    file (.pt / .bin / .safetensors, bare or wrapped). Optimizer state stays fresh. Collective.
+    """
+    from megaclip.checkpoint.export import load_open_clip_file
+    from megaclip.checkpoint.openclip import from_open_clip
+
+    path = Path(path)
+    if path.is_dir() and (path / UNIVERSAL_META).is_file():
+        load_universal(clip_engine, path, weights_only=True)
+        return
+    if path.is_dir():
+        full = read_checkpoint(path, fp32_master=True)
+        check_same_model(full.meta.model, clip_engine.cfg, str(path))
+        params = full.params
+    else:
+        model_cfg, oc_state = load_open_clip_file(path)
+        if model_cfg is not None:
+            check_same_model(model_cfg, clip_engine.cfg, str(path))
+        params = from_open_clip(oc_state)
+        check_shapes(params, clip_engine.cfg, str(path))
+    apply_full_state(clip_engine, lambda name: {"fp32": params[name]}, moments=False)
+
+
+def check_shapes(params: Mapping[str, torch.Tensor], cfg: ClipConfig, where: str) -> None:
+    """CheckpointError unless ``params`` has exactly the parameters and shapes of ``cfg``."""
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(params))
+    if missing:
+        raise CheckpointError(
+            f"{where} lacks parameter {missing[0]} of model '{cfg.name}' "
+            f"({len(missing)} missing): is it a checkpoint of another architecture?"
+        )
+    for name, shape in want.items():
+        got = tuple(params[name].shape)
+        if got != tuple(shape):
+            raise CheckpointError(
+                f"{where}: {name} has shape {got} but model '{cfg.name}' needs {tuple(shape)}; "
+                "it is a checkpoint of another architecture (pass the matching --model)"
+            )
+
+
+# ------------------------------------------------------------------ loading into an engine
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _ensure_state(base: torch.optim.Optimizer, flat: torch.Tensor, adam_step: int) -> dict:
+    state = base.state[flat]
+    for key in MOMENTS:
+        if key not in state:
+            state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+    state["step"] = torch.tensor(float(adam_step), dtype=torch.float32)
+    return state
+
+
+def _fp32_copies(opt) -> dict[int, torch.Tensor]:
+    """{id(module param): its fp32 master} of DeepSpeed's unfused 16-bit optimizer, else {}."""
+    lp, hp = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if not lp or not hp or len(lp) != len(hp):
+        return {}
+    return {id(p): m for g16, g32 in zip(lp, hp) for p, m in zip(g16, g32)}
+
+
+def _zero3_piece(full: torch.Tensor, rank: int, part: int) -> torch.Tensor:
+    """DP rank ``rank``'s ZeRO-3 partition: elements [rank*part, (rank+1)*part), zero-padded."""
+    flat = full.flatten()
+    piece = torch.zeros(part, dtype=flat.dtype)
+    start = rank * part
+    n = max(0, min(part, flat.numel() - start))
+    piece[:n] = flat[start : start + n]
+    return piece
+
+
+@torch.no_grad()
+def apply_full_state(
+    clip_engine,
+    fetch: Callable[[str], Entry],
+    *,
+    moments: bool,
+    adam_step: int | None = None,
+) -> None:
+    """Write full tensors ``fetch(ClipModel name)`` into this rank's weights (+ Adam state).
+
+    For each parameter: local = shard(full, dim, stride, tp_rank, tp); written to the module
+    (training dtype), to the fp32 master (ZeRO-1/2, bf16: ``_hp_mapping`` fragment; ZeRO-3:
+    this rank's partition) and, with ``moments``, to exp_avg / exp_avg_sq of the same fragment.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    engine = clip_engine.engine
+    tp_rank, tp = clip_engine.topo.coords.tp, clip_engine.par.tp
+    base = _base_optimizer(engine)
+    step = int(adam_step or 0)
+    if moments:
+        # The fp32 partitions Adam steps on (ZeRO-3 keeps them out of param_groups between steps).
+        flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+        if flats is None:
+            flats = [flat for group in base.param_groups for flat in group["params"]]
+        for flat in flats:
+            _ensure_state(base, flat, step)
+    masters = _fp32_copies(engine.optimizer)
+    for name, param in engine.module.named_parameters():
+        canon = canonical_name(name)
+        dim, stride = partition_of(param)
+        if (dim, stride) != tp_partition(name):
+            raise CheckpointError(
+                f"internal: partition rule of {name} is {tp_partition(name)}, the layer says "
+                f"{(dim, stride)}"
+            )
+        entry = fetch(canon)
+        local = {
+            k: (v if dim is None else shard(v, dim, stride, tp_rank, tp)).float()
+            for k, v in entry.items()
+        }
+        want = tuple(getattr(param, "ds_shape", param.shape))
+        if tuple(local["fp32"].shape) != want:
+            raise CheckpointError(
+                f"parameter {canon}: TP shard of shape {tuple(local['fp32'].shape)} does not fit "
+                f"this rank's {want}"
+            )
+        if hasattr(param, "ds_id"):  # ZeRO-3: partitioned module weight and master
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(local["fp32"].to(param.device, param.dtype))
+            if param.requires_grad:
+                part = param.ds_tensor.numel()
+                rank = clip_engine.topo.coords.dp
+                safe_set_local_fp32_param(param, _zero3_piece(local["fp32"], rank, part))
+                if moments:
+                    for key in MOMENTS:
+                        piece = _zero3_piece(local[key], rank, part)
+                        safe_set_local_optimizer_state(param, piece, key)
+            continue
+        param.data.copy_(local["fp32"].to(param.device, param.dtype))
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:  # ZeRO-1/2 or bf16 optimizer: fp32 fragment of this rank
+            lp = mapping.lp_fragment_address
+            hp = mapping.hp_fragment_address
+            mapping.hp_fragment.data.copy_(local["fp32"].flatten().narrow(0, lp.start, lp.numel))
+            if moments:
+                flat = base.param_groups[mapping.param_group_index]["params"][0]
+                state = base.state[flat]
+                for key in MOMENTS:
+                    src = local[key].flatten().narrow(0, lp.start, lp.numel)
+                    state[key].narrow(0, hp.start, hp.numel).copy_(src)
+        elif id(param) in masters:  # ZeRO-0 bf16: a separate fp32 copy per parameter
+            master = masters[id(param)]
+            master.data.copy_(local["fp32"].to(master.device).view_as(master))
+            if moments:
+                for key in MOMENTS:
+                    base.state[master][key].copy_(local[key].to(master.device).view_as(master))
+        elif moments and not hasattr(param, "_hp_mapping") and param in base.state:
+            state = base.state[param]  # plain optimizer over the module's own parameters
+            for key in MOMENTS:
+                state[key].copy_(local[key].to(param.device).view_as(param))
+    if dist.is_initialized():
+        dist.barrier()
