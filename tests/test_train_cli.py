@@ -96,3 +96,43 @@ def test_short_two_process_run_learns_and_evaluates(tmp_path):
     assert (run / "final_open_clip.pt").is_file() and summary["steps"] == 40
     for key in ("samples_per_s", "tflops_per_device", "mfu", "peak_memory_gib", "lr"):
         assert key in records[0]
+
+
+@pytest.mark.multiproc
+def test_cli_resume_continues_exactly(tmp_path):
+    """A run stopped after 2 of 4 steps and started again logs the uninterrupted run's losses."""
+    common = [
+        "--config",
+        "configs/demo.yaml",
+        "data.kind=synthetic",
+        "model=tiny",
+        "zeroshot.data=",
+        "parallel.micro_batch_size=4",
+        "train.steps=4",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.tensorboard=false",
+    ]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    torchrun(2, "-m", "megaclip", "train", *common, f"train.out_dir={whole}", timeout=300)
+    torchrun(
+        2,
+        "-m",
+        "megaclip",
+        "train",
+        *common,
+        f"train.out_dir={parts}",
+        "train.exit_after=2",
+        timeout=300,
+    )
+    assert (parts / "checkpoints" / "latest").is_file()
+    torchrun(2, "-m", "megaclip", "train", *common, f"train.out_dir={parts}", timeout=300)
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    a, b = losses(whole), losses(parts)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (a, b)

@@ -77,10 +77,15 @@ class TrainSection:
     save_every: int = 0
     keep_last: int = 2
     resume: bool = True
+    exit_after: int = 0  # stop (with a checkpoint) after this many steps of this invocation
+    init_from: str = ""  # open_clip file / universal dir / megaclip checkpoint to start from
     patch_dropout: float = 0.0
     lock_image: bool = False
     lock_text: bool = False
     loss_chunk_size: int = 4096
+    # "allgather": gather all features once; "stream": owners' blocks broadcast in turn, memory
+    # independent of the global batch (see docs/loss.md)
+    loss_mode: Literal["allgather", "stream"] = "allgather"
     tensorboard: bool = True
     dist_timeout_s: float = 600.0
 

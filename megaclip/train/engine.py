@@ -117,13 +117,14 @@ class ClipEngine:
         seed: int = 0,
         patch_dropout: float = 0.0,
         loss_chunk_size: int | None = 4096,
+        loss_mode: str = "allgather",
         lock: str | None = None,
     ) -> None:
         import deepspeed
 
         par.check_model(model_cfg)
         self.cfg, self.par, self.topo, self.optim_cfg = model_cfg, par, topo, optim
-        self.loss_chunk_size = loss_chunk_size
+        self.loss_chunk_size, self.loss_mode = loss_chunk_size, loss_mode
         self.ds_config = resolve_ds_config(ds_config, par, gradient_clipping=optim.grad_clip)
         tp_group = topo.tp_group_or_none
         recompute = par.activation_checkpointing
@@ -202,7 +203,12 @@ class ClipEngine:
         scale = scale.detach().float().reshape(1).requires_grad_(True)
         clamped = scale.clamp(0.0, self.cfg.max_logit_scale)
         out = clip_loss(
-            img, txt, clamped, dp_group=self.topo.dp_group, chunk_size=self.loss_chunk_size
+            img,
+            txt,
+            clamped,
+            dp_group=self.topo.dp_group,
+            chunk_size=self.loss_chunk_size,
+            mode=self.loss_mode,
         )
         out.loss.backward()
         return out, img.grad, txt.grad, scale.grad

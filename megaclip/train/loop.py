@@ -167,6 +167,7 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
         seed=t.seed,
         patch_dropout=t.patch_dropout,
         loss_chunk_size=t.loss_chunk_size,
+        loss_mode=t.loss_mode,
         lock=lock,
     )
     hooks = TrainHooks(cfg, engine, tokenizer)
@@ -186,6 +187,9 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     last: StepResult | None = None
     t_window, samples_window = time.perf_counter(), 0
     for _ in range(start, t.steps):
+        if t.exit_after and last is not None and last.step - start >= t.exit_after:
+            hooks.stopped_early = True
+            break
         batches = [next(stream) for _ in range(par.grad_accum_steps)]
         last = engine.train_step(batches)
         samples_window += last.samples
@@ -271,9 +275,26 @@ class TrainHooks:
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
         self.out = Path(cfg.train.out_dir)
         self.zeroshot_history: list[dict] = []
+        self.stopped_early = False
 
     # resume / data position -------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
     def resume(self) -> int:
+        """Steps already done: from the latest checkpoint, else 0 (optionally from init_from)."""
+        t = self.cfg.train
+        client = self.engine.load_latest(str(self.ckpt_dir)) if t.resume else None
+        if client is not None:
+            step = int(client["next_step"])
+            if dist.get_rank() == 0:
+                print(f"resumed from {self.ckpt_dir} at step {step}", flush=True)
+            return step
+        if t.init_from:
+            self.engine.initialize_from(t.init_from)
+            if dist.get_rank() == 0:
+                print(f"initialised the weights from {t.init_from}", flush=True)
         return 0
 
     def skip_data(self, stream, steps_done: int) -> None:
@@ -281,7 +302,17 @@ class TrainHooks:
             next(stream)
 
     # periodic -----------------------------------------------------------------
+    def save(self, step: int, progress) -> None:
+        path = self.engine.save(
+            str(self.ckpt_dir), {"next_step": step}, keep_last=self.cfg.train.keep_last
+        )
+        if dist.get_rank() == 0:
+            progress.write(f"step {step:>6}  saved {path}")
+
     def after_step(self, step: int, writer, progress) -> None:
+        t = self.cfg.train
+        if t.save_every and step % t.save_every == 0:
+            self.save(step, progress)
         zs = self.cfg.zeroshot
         if zs.every and zs.data and step % zs.every == 0 and step != self.cfg.train.steps:
             self.zeroshot(step, writer, progress)
@@ -309,6 +340,14 @@ class TrainHooks:
         from megaclip.train.export import gather_open_clip_state
 
         final_zs = None
+        t = self.cfg.train
+        saved_now = bool(last and t.save_every and last.step % t.save_every == 0)
+        if last is not None and (self.stopped_early or t.save_every) and not saved_now:
+            self.save(last.step, progress)
+        if self.stopped_early:
+            if dist.get_rank() == 0:
+                print(f"stopped after step {last.step} (train.exit_after); run again to resume")
+            return None
         if self.cfg.zeroshot.data:
             final_zs = self.zeroshot(self.cfg.train.steps, writer, progress)
         state = gather_open_clip_state(self.engine)
