@@ -75,6 +75,12 @@ def test_gradcache_pipeline_schedule_is_exact_too(tmp_path, recompute):
     _compare(losses, state, 2, 2, 2)
 
 
+def test_streamed_loss_in_a_pipeline_is_exact(tmp_path):
+    """loss_mode=stream (owner blocks broadcast in turn) under PP=2 x DP=2."""
+    losses, state = _run(tmp_path, 4, tp=1, pp=2, micro=2, accum=2, loss_mode="stream")
+    _compare(losses, state, 2, 2, 2)
+
+
 def test_grad_accumulation_equals_big_batch(tmp_path):
     """4 micro-batches of 2 on one process == the single-process batch of 8."""
     losses, state = _run(tmp_path, 1, tp=1, pp=1, micro=2, accum=4)

@@ -34,7 +34,15 @@ def main(out_dir: str, spec_json: str) -> None:
     )
     topo = Topology(par)
     cfg = load_preset(spec["model"])
-    engine = ClipEngine(cfg, par, topo, {}, OptimConfig(**OPTIM), seed=spec["seed"])
+    engine = ClipEngine(
+        cfg,
+        par,
+        topo,
+        {},
+        OptimConfig(**OPTIM),
+        seed=spec["seed"],
+        loss_mode=spec.get("loss_mode", "allgather"),
+    )
     losses, times = [], []
     for step in range(spec["steps"]):
         images, tokens = global_batch(cfg, par.global_batch_size, seed=1000 + step)
