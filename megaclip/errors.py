@@ -20,3 +20,7 @@ class DataError(MegaclipError):
 
 class CheckpointError(MegaclipError):
     """A checkpoint is missing, truncated, of another architecture or of an unusable layout."""
+
+
+class NumericalError(MegaclipError):
+    """Training diverged: non-finite losses or gradients for too many steps in a row."""

@@ -97,3 +97,13 @@ def test_shard_roundtrip_with_stride():
     assert torch.equal(unshard(parts, 0, 3), full)
     with pytest.raises(ConfigError, match="not divisible"):
         shard(full, 0, 3, 0, 8)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    from megaclip.config.train import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {kind: synthetic}\noptim: {lr: 1e-3}\n")
+    assert load_run_config(path, ["optim.min_lr=1e-5"]).optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_run_config(path, ["optim.lr=fast"])

@@ -77,6 +77,7 @@ class TrainSection:
     save_every: int = 0
     keep_last: int = 2
     resume: bool = True
+    max_bad_steps: int = 5  # consecutive non-finite steps (each skipped) before stopping
     exit_after: int = 0  # stop (with a checkpoint) after this many steps of this invocation
     init_from: str = ""  # open_clip file / universal dir / megaclip checkpoint to start from
     patch_dropout: float = 0.0

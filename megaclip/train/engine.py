@@ -72,6 +72,7 @@ class StepResult:
     step_time: float
     feature_time: float
     backward_time: float
+    skipped: bool = False  # non-finite loss or gradients: the parameters were left unchanged
 
 
 def lock_tower(module: torch.nn.Module, tower: str) -> int:
@@ -163,6 +164,8 @@ class ClipEngine:
             lr=optim.lr,
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
+            # ZeRO-0 calls the optimizer directly; ZeRO-1/2/3 and bf16 check overflow themselves.
+            guard_non_finite=par.zero_stage == 0,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -238,6 +241,7 @@ class ClipEngine:
         batches = [(i.to(self.device), t.to(self.device)) for i, t in micro_batches]
         self._sync()
         t0 = time.perf_counter()
+        skipped_before = self.engine.skipped_steps
         if self.par.pp == 1:
             metrics, t_feat = self._step_plain(batches)
         elif self.pipeline_schedule == "global":
@@ -263,6 +267,7 @@ class ClipEngine:
             step_time=t_end - t0,
             feature_time=t_feat - t0,
             backward_time=t_end - t_feat,
+            skipped=self.engine.skipped_steps > skipped_before,
         )
 
     def _step_plain(self, batches: list[MicroBatch]):

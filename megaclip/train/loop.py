@@ -17,7 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from megaclip.config.train import RunConfig, ZeroShotSection, run_config_to_dict
-from megaclip.errors import ConfigError
+from megaclip.errors import ConfigError, NumericalError
 from megaclip.model.flops import model_cost
 from megaclip.parallel.runtime import device, init_distributed
 from megaclip.parallel.topology import Topology
@@ -185,6 +185,7 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
             f"{par.global_batch_size}, {t.steps} steps; peak {peak:.2f} TFLOP/s ({peak_source})"
         )
     last: StepResult | None = None
+    bad_run = 0
     t_window, samples_window = time.perf_counter(), 0
     for _ in range(start, t.steps):
         if t.exit_after and last is not None and last.step - start >= t.exit_after:
@@ -193,9 +194,17 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
         batches = [next(stream) for _ in range(par.grad_accum_steps)]
         last = engine.train_step(batches)
         samples_window += last.samples
-        if not math.isfinite(last.loss):
-            raise ConfigError(
-                f"loss is {last.loss} at step {last.step}: lower optim.lr or use fp32/bf16"
+        bad_run = bad_run + 1 if (last.skipped or not math.isfinite(last.loss)) else 0
+        if bad_run:
+            progress.write(
+                f"step {last.step:>6}  non-finite loss or gradients ({last.loss}): step skipped, "
+                f"parameters unchanged ({bad_run}/{t.max_bad_steps} in a row)"
+            )
+        if bad_run >= t.max_bad_steps:
+            raise NumericalError(
+                f"loss or gradients were non-finite for {bad_run} steps in a row (steps "
+                f"{last.step - bad_run + 1}..{last.step}); nothing was saved after them. Lower "
+                f"optim.lr, check the data, or resume from {hooks.ckpt_dir} with other settings"
             )
         progress.update(f"loss={last.loss:.4f} scale={last.logit_scale:.1f}")
         if last.step % t.log_every == 0 or last.step == t.steps:

@@ -37,11 +37,40 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips the whole step when any gradient on any rank is non-finite.
+
+    For engines that call the optimizer directly (ZeRO-0). It sets ``overflow`` the way
+    DeepSpeed's own optimizers do, so the engine counts the skipped step and does not advance
+    the learning-rate schedule. ZeRO-1/2/3 and bf16 optimizers run their own check.
+    """
+
+    overflow = False
+
+    def step(self, closure=None):  # type: ignore[override]
+        import torch.distributed as dist
+
+        bad = any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            for group in self.param_groups
+            for p in group["params"]
+        )
+        flag = torch.tensor([1.0 if bad else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.overflow = bool(flag.item())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def build_optimizer(
     params: Iterable[dict],
     lr: float,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
+    guard_non_finite: bool = False,
 ) -> torch.optim.Optimizer:
-    """torch AdamW (no JIT build needed, works on every accelerator)."""
-    return torch.optim.AdamW(list(params), lr=lr, betas=betas, eps=eps)
+    """torch AdamW (no JIT build needed, works on every accelerator); guarded for ZeRO-0."""
+    cls = GuardedAdamW if guard_non_finite else torch.optim.AdamW
+    return cls(list(params), lr=lr, betas=betas, eps=eps)
