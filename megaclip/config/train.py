@@ -36,7 +36,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class OptimSection:
+class OptimConfig:
     """AdamW + warmup/cosine schedule (open_clip defaults)."""
 
     lr: float = 5e-4
@@ -47,6 +47,7 @@ class OptimSection:
     eps: float = 1e-6
     warmup_steps: int = 0
     grad_clip: float = 1.0
+    total_steps: int = 0  # length of the cosine schedule; 0 = train.steps
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -106,7 +107,7 @@ class RunConfig:
     model: ClipConfig = field(default_factory=ClipConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(kind="synthetic"))
-    optim: OptimSection = field(default_factory=OptimSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
     deepspeed: str | None = None

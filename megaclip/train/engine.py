@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
+from megaclip.config.train import OptimConfig
 from megaclip.loss.contrastive import clip_loss
 from megaclip.model.clip import ClipModel
 from megaclip.model.init import init_parameters
@@ -40,21 +41,6 @@ from megaclip.train.ds_config import resolve_ds_config
 from megaclip.train.optim import build_optimizer, lr_at, param_groups
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images [b, C, H, W], tokens [b, L]
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW and its warmup + cosine schedule."""
-
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    grad_clip: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -188,7 +174,9 @@ class ClipEngine:
 
     def _lr_factor(self, step: int) -> float:
         o = self.optim_cfg
-        return lr_at(step, 1.0, o.warmup_steps, o.total_steps, o.min_lr / o.lr if o.lr else 0.0)
+        if not o.total_steps:  # no schedule length: constant after the warmup
+            return lr_at(step, 1.0, o.warmup_steps, 1, 1.0)
+        return lr_at(step, 1.0, o.warmup_steps, o.total_steps, o.min_lr / o.lr)
 
     def _sync(self) -> None:
         acc = accelerator()

@@ -22,7 +22,7 @@ from megaclip.model.flops import model_cost
 from megaclip.parallel.runtime import device, init_distributed
 from megaclip.parallel.topology import Topology
 from megaclip.train.ds_config import load_ds_config, resolve_ds_config
-from megaclip.train.engine import ClipEngine, OptimConfig, StepResult
+from megaclip.train.engine import ClipEngine, StepResult
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 
 
@@ -153,17 +153,7 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
         par,
         topo,
         ds,
-        OptimConfig(
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            beta1=o.beta1,
-            beta2=o.beta2,
-            eps=o.eps,
-            warmup_steps=o.warmup_steps,
-            total_steps=t.steps,
-            grad_clip=o.grad_clip,
-        ),
+        dataclasses.replace(o, total_steps=o.total_steps or t.steps),
         seed=t.seed,
         patch_dropout=t.patch_dropout,
         loss_chunk_size=t.loss_chunk_size,
