@@ -70,6 +70,7 @@ def measure(name: str, model: str, steps: int, warmup: int, precision: str) -> d
 
 
 def print_layout(res: dict) -> None:
+    """Print one layout's rows (ranks with dp = tp = 0) and the worst ratio of all ranks."""
     spec = res["spec"]
     print(
         f"\n## {res['layout']}  (model {spec['model']}, micro {spec['micro_batch']}, "
@@ -99,6 +100,7 @@ def print_layout(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure and print every requested layout."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-pp")
     p.add_argument("--layouts", default=DEFAULT, help=f"comma list of {', '.join(LAYOUTS)}")

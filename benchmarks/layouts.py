@@ -69,6 +69,7 @@ def time_layout(model: str, tp, pp, dp, zero, micro, accum, steps, warmup) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Time every layout, then sweep m for the PP=2 bubble; print tables."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=BENCH_MODEL)
     p.add_argument("--global-batch", type=int, default=16)

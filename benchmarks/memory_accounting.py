@@ -36,6 +36,7 @@ LAYOUTS = {
 
 
 def measure(name: str, model: str, precision: str) -> dict:
+    """Run one layout's memory workers; counted vs analytic rows per rank."""
     tp, pp, dp, zero, micro, accum, ds = LAYOUTS[name]
     if zero == 0 and precision != "fp32":
         return {"layout": name, "skipped": "ZeRO-0 formula is fp32-only"}
@@ -54,6 +55,7 @@ def measure(name: str, model: str, precision: str) -> dict:
 
 
 def print_layout(res: dict) -> None:
+    """Print one layout's table."""
     if "skipped" in res:
         print(f"\n## {res['layout']}: skipped ({res['skipped']})")
         return
@@ -73,6 +75,7 @@ def print_layout(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure and print every requested layout."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-pp")
     p.add_argument("--layouts", default=",".join(LAYOUTS))

@@ -48,9 +48,9 @@ from megaclip.train.optim import build_optimizer, param_groups  # noqa: E402
 class Side:
     """One implementation: model, loss, AdamW; ``step()`` runs one training step."""
 
-    def __init__(self, name: str, model, loss_fn, precision: str, batch, max_scale: float):
+    def __init__(self, name: str, model, loss_fn, precision: str, batch) -> None:
         self.name, self.model, self.loss_fn = name, model, loss_fn
-        self.precision, self.batch, self.max_scale = precision, batch, max_scale
+        self.precision, self.batch = precision, batch
         self.opt = build_optimizer(param_groups(model, 0.2), lr=1e-5)
         self.times: list[float] = []  # wall seconds per step
         self.fwd_bwd: list[float] = []  # wall seconds of forward + loss + backward
@@ -64,6 +64,7 @@ class Side:
         return nullcontext()
 
     def step(self) -> None:
+        """One training step (forward + loss + backward + AdamW), timed in wall and CPU time."""
         images, tokens = self.batch
         t0, c0 = time.perf_counter(), time.process_time()
         with self._autocast():
@@ -80,10 +81,13 @@ class Side:
         self.losses.append(float(loss.detach()))
 
     def reset(self) -> None:
+        """Forget the recorded times (after warm-up)."""
         self.times, self.fwd_bwd, self.cpu, self.cpu_fwd_bwd, self.losses = [], [], [], [], []
 
 
 def megaclip_loss(max_scale: float):
+    """megaclip's step loss: ClipModel features -> clip_loss (scale clamped like the engine)."""
+
     def fn(model, images, tokens):
         img, txt, scale = model(images, tokens)
         return clip_loss(img.float(), txt.float(), scale.clamp(0, max_scale).float()).loss
@@ -92,6 +96,7 @@ def megaclip_loss(max_scale: float):
 
 
 def open_clip_loss():
+    """open_clip's step loss: CLIP features -> ClipLoss."""
     from open_clip.loss import ClipLoss
 
     loss = ClipLoss()
@@ -104,6 +109,7 @@ def open_clip_loss():
 
 
 def build(model_name: str, batch: int, precision: str, seed: int):
+    """Both sides with identical initial weights and one shared synthetic batch."""
     cfg = resolve_model(model_name)
     mega = ClipModel(cfg)
     init_parameters(mega, cfg, seed)
@@ -115,12 +121,13 @@ def build(model_name: str, batch: int, precision: str, seed: int):
     data = synthetic_batch(synthetic_config(cfg, batch, seed), gen)
     mega.train()
     oc.train()
-    a = Side("megaclip", mega, megaclip_loss(cfg.max_logit_scale), precision, data, 0)
-    b = Side("open_clip", oc, open_clip_loss(), precision, data, 0)
+    a = Side("megaclip", mega, megaclip_loss(cfg.max_logit_scale), precision, data)
+    b = Side("open_clip", oc, open_clip_loss(), precision, data)
     return cfg, a, b
 
 
 def profile_step(side: Side, rows: int = 14) -> str:
+    """torch.profiler table (top operators by self CPU time) of one step."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -129,6 +136,7 @@ def profile_step(side: Side, rows: int = 14) -> str:
 
 
 def run(args, precision: str) -> dict:
+    """Warm up, alternate timed steps, probe the GEMM peak; medians, ratios, MFU."""
     cfg, mega, oc = build(args.model, args.batch, precision, args.seed)
     before = probe_matmul(precision, args.probe_size, 3)
     for _ in range(args.warmup):
@@ -181,6 +189,7 @@ def run(args, precision: str) -> dict:
 
 
 def print_result(r: dict) -> None:
+    """Print one precision's table (and profiles)."""
     print(
         f"\n## {r['model']} batch {r['batch']} {r['precision']} ({r['threads']} threads, "
         f"{r['steps']} alternating steps each; GEMM peak {r['peak_tflops_cpu_time']:.3f} "
@@ -211,6 +220,7 @@ def print_result(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the requested precisions and print them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--batch", type=int, default=8)

@@ -27,8 +27,8 @@ def test_bench_cli_json_smoke():
            "--warmup", "1", "--steps", "2", "--probe-size", "128", "--json"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("{"), proc.stdout  # one JSON line, nothing else
     r = json.loads(lines[0])
     assert set(r) >= KEYS, KEYS - set(r)
     assert r["model"] == "tiny" and r["device"] == "cpu" and r["steps"] == 2

@@ -254,9 +254,11 @@ class StateMemory:
 
     @property
     def total(self) -> float:
+        """params + grads + optimizer."""
         return self.params + self.grads + self.optimizer
 
     def as_dict(self) -> dict[str, float]:
+        """The three categories and their total, in bytes."""
         return {
             "params": self.params,
             "grads": self.grads,

@@ -78,6 +78,7 @@ class CommRecord:
 
     @property
     def group_size(self) -> int:
+        """Number of ranks taking part (2 for send/recv)."""
         return len(self.ranks)
 
 

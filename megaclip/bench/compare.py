@@ -83,10 +83,12 @@ class CommSummary:
 
     @property
     def ratio(self) -> float:
+        """measured / analytic payload of the modelled rows (nan if none)."""
         return self.measured_payload / self.analytic_payload if self.analytic_payload else math.nan
 
     @property
     def sent_ratio(self) -> float:
+        """measured / analytic ring bytes sent of the modelled rows."""
         return self.measured_sent / self.analytic_sent if self.analytic_sent else math.nan
 
 

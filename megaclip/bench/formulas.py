@@ -33,6 +33,7 @@ class Throughput:
     hfu: float | None
 
     def as_dict(self) -> dict[str, float | None]:
+        """The fields as a JSON-ready dict."""
         return {
             "samples_per_s": self.samples_per_s,
             "samples_per_s_per_device": self.samples_per_s_per_device,

@@ -6,9 +6,12 @@ layout timings). Every function that needs process groups takes them from a Topo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -65,13 +68,16 @@ class BenchSpec:
         return par
 
     def to_json(self) -> str:
+        """JSON text of every field (round-trips through from_json)."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> BenchSpec:
+        """The spec written by to_json."""
         return cls(**json.loads(text))
 
     def with_(self, **changes: Any) -> BenchSpec:
+        """A copy with some fields changed."""
         return replace(self, **changes)
 
 
@@ -110,16 +116,14 @@ def ds_config_for(spec: BenchSpec) -> dict[str, Any]:
 
 
 def quiet_deepspeed() -> None:
-    """Silence DeepSpeed's INFO logging so a benchmark prints only its result."""
-    import logging
+    """Keep stdout for the benchmark's result: DeepSpeed logs to stderr, errors only.
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    try:
+    DeepSpeed binds its log handler to ``sys.stdout`` when first imported (and logs its
+    accelerator choice then), so the first import happens with stdout pointing at stderr.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.utils import logger
-
-        logger.setLevel(logging.ERROR)
-    except ImportError:  # pragma: no cover
-        pass
+    logger.setLevel(logging.ERROR)
 
 
 def build_engine(spec: BenchSpec, topo, cfg: ClipConfig | None = None):

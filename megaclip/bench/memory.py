@@ -38,9 +38,11 @@ class StateCount:
 
     @property
     def total(self) -> int:
+        """params + grads + optimizer (the model states; 'other' excluded)."""
         return self.params + self.grads + self.optimizer
 
     def as_dict(self) -> dict[str, int]:
+        """The categories, their total and the tensor count."""
         return {
             "params": self.params,
             "grads": self.grads,

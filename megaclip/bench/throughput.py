@@ -13,8 +13,9 @@ measured, per rank, and how it is reduced:
   pass; the optimizer time is subtracted), optimizer (DeepSpeed's
   optimizer ``step``), and the wall time spent inside blocking collectives
   per class (TP / DP / PP / loss), from :class:`megaclip.bench.comm.CommCounter`;
-- pipeline bubble (PP > 1): time a stage spends blocked in pipeline send/recv per step over
-  the step time, next to the analytic (P-1)/(m+P-1);
+- pipeline bubble (PP > 1): time a stage spends blocked in collectives on its pipeline group
+  (activation/gradient send and recv, the loss and metrics broadcasts it waits in while the
+  last stage works) per step over the mean step time, next to the analytic (P-1)/(m+P-1);
 - peak memory per rank: GPU ``max_memory_allocated`` over the timed steps; CPU the process's
   max RSS (``getrusage``) and its growth over the RSS at the start of the timed steps;
 - peak FLOP/s per device: the GPU table, or on CPU a GEMM probe per rank run right after the
@@ -136,7 +137,7 @@ def run_throughput(
     records = counter.records if counter is not None else []
     groups = _groups(topo)
     comm_s = {k: v / spec.steps for k, v in seconds_by_class(records, groups).items()}
-    p2p_s = seconds_by_class(records, groups, ops=("send", "recv")).get("pp", 0.0) / spec.steps
+    pp_wait_s = comm_s.get("pp", 0.0)  # every collective on the pipeline group, per step
     step_times = [r.step_time for r in results]
     mean_step = sum(step_times) / len(step_times)
     dist.barrier()  # every rank probes at the same time, as it trained
@@ -162,7 +163,7 @@ def run_throughput(
         "loss_s": timers["loss"].total / spec.steps,
         "optimizer_s": timers["optimizer"].total / spec.steps,
         "comm_s": comm_s,
-        "p2p_wait_s": p2p_s,
+        "pp_wait_s": pp_wait_s,
         "peak_memory_bytes": peak_mem,
         "step_memory_delta_bytes": mem_delta,
         "cpu_s_per_step": cpu_per_step,
@@ -212,7 +213,7 @@ def summarize(spec: BenchSpec, cfg, par, ranks: list[dict[str, Any]], last) -> d
     bubble = None
     if par.pp > 1:
         per_stage = [
-            stage_reps[s]["p2p_wait_s"] / stage_reps[s]["mean_step_s"] for s in range(par.pp)
+            stage_reps[s]["pp_wait_s"] / stage_reps[s]["mean_step_s"] for s in range(par.pp)
         ]
         bubble = {
             "measured_per_stage": [round(x, 4) for x in per_stage],

@@ -140,6 +140,7 @@ def main(argv: list[str]) -> None:
 
     kind, out_dir, spec_json = argv
     spec = BenchSpec.from_json(spec_json)
+    quiet_deepspeed()
     counter = CommCounter().install()  # before init_distributed (DeepSpeed captures functions)
     if kind == "comm":
         result = comm_worker(spec, counter)

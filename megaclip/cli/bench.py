@@ -39,6 +39,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `bench` sub-command to the megaclip CLI."""
     p = sub.add_parser(
         "bench",
         help="measure throughput, MFU and memory of a parallel layout",
@@ -124,6 +125,7 @@ def format_summary(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Spawn the ranks (or run here when launched / single process); rank 0 prints."""
     from megaclip.bench import launch
 
     spec = spec_from_args(args)
@@ -139,9 +141,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_here(spec: BenchSpec, args: argparse.Namespace) -> int:
     from megaclip.bench.comm import CommCounter
+    from megaclip.bench.harness import quiet_deepspeed
     from megaclip.bench.throughput import run_throughput
     from megaclip.parallel.runtime import clean_exit
 
+    quiet_deepspeed()  # first DeepSpeed import: its logs go to stderr, stdout keeps the result
     counter = CommCounter().install()  # before init_distributed: DeepSpeed captures functions
     result = run_throughput(spec, counter, probe_size=args.probe_size)
     if result is not None:
