@@ -1,0 +1,168 @@
+"""Measured-vs-analytic comparison tables (pure functions over the workers' JSON results)."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megaclip.bench.analytic import Volume, rank_params, rank_state_memory, stage_of
+from megaclip.bench.harness import BenchSpec
+from megaclip.config.model import ClipConfig
+from megaclip.config.parallel import ParallelConfig
+
+MODELLED = ("tp", "dp", "pp", "loss")
+
+
+@dataclass(frozen=True)
+class CommRow:
+    """One (class, op) of one rank: measured and analytic payload / sent bytes per step."""
+
+    cls: str
+    op: str
+    calls: float
+    payload: float
+    sent: float
+    analytic_calls: float | None
+    analytic_payload: float | None
+    analytic_sent: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        """measured / analytic payload (None when the row is not modelled)."""
+        if self.analytic_payload is None or self.analytic_payload == 0:
+            return None
+        return self.payload / self.analytic_payload
+
+
+def compare_comm(measured: Sequence[dict[str, Any]], analytic: Sequence[Volume]) -> list[CommRow]:
+    """Join a rank's measured (class, op) totals with the analytic volumes ("self" dropped)."""
+    want = {(v.cls, v.op): v for v in analytic}
+    rows: list[CommRow] = []
+    seen = set()
+    for m in measured:
+        key = (m["cls"], m["op"])
+        if m["cls"] == "self":
+            continue
+        seen.add(key)
+        v = want.get(key)
+        rows.append(
+            CommRow(
+                key[0],
+                key[1],
+                m["calls"],
+                m["payload_bytes"],
+                m["sent_bytes"],
+                None if v is None else v.calls,
+                None if v is None else v.payload_bytes,
+                None if v is None else v.sent_bytes,
+            )
+        )
+    for key, v in want.items():
+        if key not in seen:
+            rows.append(
+                CommRow(key[0], key[1], 0, 0.0, 0.0, v.calls, v.payload_bytes, v.sent_bytes)
+            )
+    return rows
+
+
+@dataclass(frozen=True)
+class CommSummary:
+    """Totals of one rank: modelled measured vs analytic bytes, and what is not modelled."""
+
+    measured_payload: float
+    analytic_payload: float
+    measured_sent: float
+    analytic_sent: float
+    unmodelled_payload: float
+    unmodelled_ops: tuple[str, ...]
+
+    @property
+    def ratio(self) -> float:
+        """measured / analytic payload of the modelled rows (nan if none)."""
+        return self.measured_payload / self.analytic_payload if self.analytic_payload else math.nan
+
+    @property
+    def sent_ratio(self) -> float:
+        """measured / analytic ring bytes sent of the modelled rows."""
+        return self.measured_sent / self.analytic_sent if self.analytic_sent else math.nan
+
+
+def summarize_comm(rows: Sequence[CommRow]) -> CommSummary:
+    """Sum the modelled rows (measured and analytic) and the unmodelled measured ones."""
+    mp = ap = ms = asent = up = 0.0
+    unmod = []
+    for r in rows:
+        if r.analytic_payload is None:
+            up += r.payload
+            unmod.append(f"{r.cls}:{r.op}")
+            continue
+        mp += r.payload
+        ap += r.analytic_payload
+        ms += r.sent
+        asent += r.analytic_sent or 0.0
+    return CommSummary(mp, ap, ms, asent, up, tuple(unmod))
+
+
+def rank_volume(cfg: ClipConfig, par: ParallelConfig, pp_rank: int) -> list[Volume]:
+    """Analytic volumes of one rank of stage ``pp_rank`` (see :mod:`megaclip.bench.analytic`)."""
+    from megaclip.bench.analytic import comm_volume
+
+    return comm_volume(cfg, par, pp_rank)
+
+
+def memory_row(cfg: ClipConfig, par: ParallelConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """Measured (counted) vs analytic model-state bytes of one rank's memory-worker result."""
+    analytic = rank_state_memory(cfg, par, result["pp"]).as_dict()
+    counted = result["counted"]
+    row: dict[str, Any] = {
+        "rank": result["rank"],
+        "pp": result["pp"],
+        "n_analytic": rank_params(cfg, par.tp, stage_of(cfg, par, result["pp"])),
+        "n_measured": result["params_local"],
+        "other": counted["other"],
+    }
+    for key in ("params", "grads", "optimizer", "total"):
+        row[key] = counted[key]
+        row[f"{key}_analytic"] = analytic[key]
+        row[f"{key}_ratio"] = counted[key] / analytic[key] if analytic[key] else math.nan
+    return row
+
+
+# ---------------------------------------------------------------- running workers
+
+
+def run_workers(kind: str, spec: BenchSpec, nproc: int, timeout: float = 600.0) -> list[dict]:
+    """Spawn ``nproc`` ranks of :mod:`megaclip.bench.workers` and return their JSON results."""
+    from megaclip.bench.launch import spawn
+
+    with tempfile.TemporaryDirectory(prefix=f"megaclip-{kind}-") as tmp:
+        proc = spawn(
+            nproc,
+            ["-m", "megaclip.bench.workers", kind, tmp, spec.to_json()],
+            capture=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{kind} worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                f"{proc.stderr[-5000:]}"
+            )
+        results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+    if len(results) != nproc:
+        raise RuntimeError(f"{kind} worker: expected {nproc} results, got {len(results)}")
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def fmt_bytes(x: float | None) -> str:
+    """Bytes as a short human string (B / KiB / MiB / GiB), '-' for None."""
+    if x is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} B"

@@ -1,0 +1,179 @@
+"""Build a ClipEngine on synthetic data for a benchmark layout, and time its steps.
+
+Shared by ``megaclip bench`` and the scripts in benchmarks/ (comm volume, memory accounting,
+layout timings). Every function that needs process groups takes them from a Topology.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from megaclip.config.model import ClipConfig, resolve_model
+from megaclip.config.parallel import ParallelConfig
+from megaclip.data.synthetic import SyntheticConfig, synthetic_batches
+from megaclip.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Model, layout and step counts of one benchmark run (dp=None: whatever the world gives)."""
+
+    model: str = "tiny"
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None
+    micro_batch: int = 8
+    accum: int = 1
+    precision: str = "fp32"
+    zero: int = 1
+    steps: int = 5
+    warmup: int = 2
+    recompute: bool = False
+    seed: int = 0
+    loss_chunk_size: int | None = 4096
+    ds_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def world_size(self, default_dp: int = 1) -> int:
+        """tp * pp * dp (dp defaulting to ``default_dp``)."""
+        return self.tp * self.pp * (self.dp if self.dp is not None else default_dp)
+
+    def parallel(self, world: int) -> ParallelConfig:
+        """The ParallelConfig for a launched world of ``world`` processes."""
+        mp = self.tp * self.pp
+        if world % mp:
+            raise ConfigError(f"world size {world} is not a multiple of tp * pp = {mp}")
+        dp = self.dp if self.dp is not None else world // mp
+        par = ParallelConfig(
+            tp=self.tp,
+            pp=self.pp,
+            dp=dp,
+            zero_stage=self.zero,
+            micro_batch_size=self.micro_batch,
+            grad_accum_steps=self.accum,
+            precision=self.precision,  # type: ignore[arg-type]
+            activation_checkpointing=self.recompute,
+        )
+        par.check_world(world)
+        return par
+
+    def to_json(self) -> str:
+        """JSON text of every field (round-trips through from_json)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> BenchSpec:
+        """The spec written by to_json."""
+        return cls(**json.loads(text))
+
+    def with_(self, **changes: Any) -> BenchSpec:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+def synthetic_config(cfg: ClipConfig, micro_batch: int, seed: int) -> SyntheticConfig:
+    """Synthetic batches shaped for ``cfg``: SOT/EOT are the two largest ids of its vocabulary."""
+    t = cfg.text
+    return SyntheticConfig(
+        batch_size=micro_batch,
+        image_size=cfg.vision.image_size,
+        context_length=t.context_length,
+        vocab_size=t.vocab_size,
+        sot_id=t.vocab_size - 2,
+        eot_id=t.vocab_size - 1,
+        seed=seed,
+    )
+
+
+def step_batches(
+    cfg: ClipConfig, par: ParallelConfig, dp_rank: int, seed: int, device: torch.device
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Infinite iterator of one step's ``grad_accum_steps`` synthetic micro-batches."""
+    it = synthetic_batches(synthetic_config(cfg, par.micro_batch_size, seed), dp_rank, device)
+    while True:
+        yield [next(it) for _ in range(par.grad_accum_steps)]
+
+
+def ds_config_for(spec: BenchSpec) -> dict[str, Any]:
+    """DeepSpeed config of a benchmark: megaclip fills batch/precision/ZeRO; overrides on top."""
+    ds: dict[str, Any] = {"zero_optimization": {"stage": spec.zero}}
+    for key, value in spec.ds_overrides.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+def quiet_deepspeed() -> None:
+    """Keep stdout for the benchmark's result: DeepSpeed logs to stderr, errors only.
+
+    DeepSpeed binds its log handler to ``sys.stdout`` when first imported (and logs its
+    accelerator choice then), so the first import happens with stdout pointing at stderr.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils import logger
+    logger.setLevel(logging.ERROR)
+
+
+def build_engine(spec: BenchSpec, topo, cfg: ClipConfig | None = None):
+    """A ClipEngine for ``spec`` on ``topo`` (weights from ``spec.seed``)."""
+    from megaclip.train.engine import ClipEngine, OptimConfig
+
+    cfg = cfg if cfg is not None else resolve_model(spec.model)
+    return ClipEngine(
+        cfg,
+        topo.par,
+        topo,
+        ds_config_for(spec),
+        OptimConfig(),
+        seed=spec.seed,
+        loss_chunk_size=spec.loss_chunk_size,
+    )
+
+
+# ---------------------------------------------------------------- memory probes
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # pragma: no cover - non-Linux
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def max_rss_bytes() -> int:
+    """High-water mark of this process's resident set (getrusage; kB on Linux)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Timer:
+    """Wall-clock accumulator for a named region (``with timer:`` adds the elapsed time)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.calls = 0
+        self._t0 = 0.0
+
+    def __enter__(self) -> Timer:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.total += time.perf_counter() - self._t0
+        self.calls += 1

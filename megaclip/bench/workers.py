@@ -1,0 +1,159 @@
+"""Per-rank benchmark workers (run under torchrun): comm volume, model-state memory, step times.
+
+Each writes one JSON file per rank into an output directory; the scripts in benchmarks/ spawn
+them and compare the files with :mod:`megaclip.bench.analytic`. Usage (what the scripts run)::
+
+    torchrun --nproc_per_node N -m megaclip.bench.workers KIND OUT_DIR SPEC_JSON
+
+KIND is "comm", "memory" or "steps".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megaclip.bench.comm import CommCounter, totals
+from megaclip.bench.harness import BenchSpec, build_engine, quiet_deepspeed, step_batches
+from megaclip.config.model import resolve_model
+
+
+def _setup(spec: BenchSpec):
+    from megaclip.parallel.runtime import init_distributed
+    from megaclip.parallel.topology import Topology
+
+    quiet_deepspeed()
+    with contextlib.redirect_stdout(sys.stderr):
+        rank, world = init_distributed()
+        par = spec.parallel(world)
+        topo = Topology(par)
+        cfg = resolve_model(spec.model)
+        engine = build_engine(spec, topo, cfg)
+    return rank, par, topo, cfg, engine
+
+
+def _groups(topo) -> dict[str, list[int]]:
+    return {
+        "tp": dist.get_process_group_ranks(topo.tp_group),
+        "dp": dist.get_process_group_ranks(topo.dp_group),
+        "pp": dist.get_process_group_ranks(topo.pp_group),
+    }
+
+
+def _base(rank: int, topo) -> dict[str, Any]:
+    return {"rank": rank, "pp": topo.coords.pp, "dp": topo.coords.dp, "tp": topo.coords.tp}
+
+
+def comm_worker(spec: BenchSpec, counter: CommCounter) -> dict[str, Any]:
+    """Warm up, then record every collective of ``spec.steps`` steps; per-step totals by class."""
+    rank, par, topo, cfg, engine = _setup(spec)
+    loss_fn = engine._global_loss
+
+    def tagged(*args, **kwargs):
+        with counter.phase("loss"):
+            return loss_fn(*args, **kwargs)
+
+    engine._global_loss = tagged
+    batches = step_batches(cfg, par, topo.coords.dp, spec.seed, engine.device)
+    for _ in range(spec.warmup):
+        engine.train_step(next(batches))
+    counter.reset()
+    with counter.recording():
+        for _ in range(spec.steps):
+            engine.train_step(next(batches))
+    rows = [asdict(t) for t in totals(counter.records, _groups(topo), spec.steps)]
+    n_local = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.engine.module.parameters())
+    return {**_base(rank, topo), "rows": rows, "params_local": n_local}
+
+
+def memory_worker(spec: BenchSpec) -> dict[str, Any]:
+    """Model-state bytes by category, counted at the optimizer step of the last step."""
+    from megaclip.bench.memory import count_state, state_tensors
+
+    rank, par, topo, cfg, engine = _setup(spec)
+    ds = engine.engine
+    optimizer = ds.optimizer
+    snapshot: dict[str, Any] = {}
+    step_fn = optimizer.step
+
+    def counting_step(*args, **kwargs):
+        snapshot["count"] = count_state(ds.module, optimizer)
+        snapshot["largest"] = {
+            k: sorted(v, key=lambda x: -x[1])[:4]
+            for k, v in state_tensors(ds.module, optimizer).items()
+        }
+        return step_fn(*args, **kwargs)
+
+    optimizer.step = counting_step
+    batches = step_batches(cfg, par, topo.coords.dp, spec.seed, engine.device)
+    for _ in range(max(2, spec.steps)):  # Adam's moments exist from the first step on
+        engine.train_step(next(batches))
+    n_local = sum(int(getattr(p, "ds_numel", p.numel())) for p in ds.module.parameters())
+    return {
+        **_base(rank, topo),
+        "counted": snapshot["count"].as_dict(),
+        "largest": snapshot["largest"],
+        "params_local": n_local,
+        "optimizer_class": type(optimizer).__name__,
+    }
+
+
+def steps_worker(spec: BenchSpec, counter: CommCounter) -> dict[str, Any]:
+    """Per-step wall times, CPU seconds per step, and time blocked in PP-group collectives.
+
+    The PP time counts every collective on the pipeline group (send/recv of activations and
+    gradients, and the loss/metrics broadcasts a stage waits in while the last stage works).
+    """
+    from megaclip.bench.comm import seconds_by_class
+
+    rank, par, topo, cfg, engine = _setup(spec)
+    batches = step_batches(cfg, par, topo.coords.dp, spec.seed, engine.device)
+    for _ in range(spec.warmup):
+        engine.train_step(next(batches))
+    counter.reset()
+    times = []
+    dist.barrier()
+    cpu0 = time.process_time()
+    with counter.recording():
+        for _ in range(spec.steps):
+            times.append(engine.train_step(next(batches)).step_time)
+    cpu = (time.process_time() - cpu0) / spec.steps
+    by_class = seconds_by_class(counter.records, _groups(topo))
+    return {
+        **_base(rank, topo),
+        "step_times": times,
+        "cpu_s_per_step": cpu,
+        "pp_wait_s": by_class.get("pp", 0.0) / spec.steps,
+    }
+
+
+def main(argv: list[str]) -> None:
+    """Entry point under torchrun: KIND OUT_DIR SPEC_JSON; writes OUT_DIR/rank<r>.json."""
+    from megaclip.parallel.runtime import clean_exit
+
+    kind, out_dir, spec_json = argv
+    spec = BenchSpec.from_json(spec_json)
+    quiet_deepspeed()
+    counter = CommCounter().install()  # before init_distributed (DeepSpeed captures functions)
+    if kind == "comm":
+        result = comm_worker(spec, counter)
+    elif kind == "memory":
+        result = memory_worker(spec)
+    elif kind == "steps":
+        result = steps_worker(spec, counter)
+    else:
+        raise SystemExit(f"unknown worker kind {kind!r}; valid: comm, memory, steps")
+    path = Path(out_dir) / f"rank{result['rank']}.json"
+    path.write_text(json.dumps(result), encoding="utf-8")
+    clean_exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
