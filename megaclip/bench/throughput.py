@@ -193,6 +193,7 @@ def summarize(spec: BenchSpec, cfg, par, ranks: list[dict[str, Any]], last) -> d
         peak,
         recompute=par.activation_checkpointing,
         pp=par.pp,
+        schedule=par.pipeline_schedule,
     )
     r0 = ranks[0]
 
@@ -251,7 +252,9 @@ def summarize(spec: BenchSpec, cfg, par, ranks: list[dict[str, Any]], last) -> d
         **tput.as_dict(),
         "macs_per_sample": cost.macs_total,
         "model_flops_per_sample": 6 * cost.macs_total,
-        "hardware_flops_factor": hardware_flops_factor(par.activation_checkpointing, par.pp),
+        "hardware_flops_factor": hardware_flops_factor(
+            par.activation_checkpointing, par.pp, par.pipeline_schedule
+        ),
         "peak_tflops_per_device": peak / 1e12,
         "peak_source": r0["peak_source"],
         "probe_tflops": probe,
