@@ -10,21 +10,39 @@ from megaclip.config.model import VisionConfig
 from megaclip.model.blocks import ResidualBlock, run_blocks
 
 
+class PatchEmbed(nn.Module):
+    """y = patches(x) @ W^T: a stride-p, kernel-p convolution without bias, as one matmul.
+
+    The weight keeps the convolution's shape [D, C, p, p] (open_clip's ``conv1.weight``); a
+    reshape + matmul is much faster than Conv2d's backward on CPU, and identical in math.
+    """
+
+    def __init__(self, channels: int, width: int, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.weight = nn.Parameter(torch.empty(width, channels, patch, patch))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = images.shape  # [B, C, H, W]
+        p = self.patch
+        x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        x = x.reshape(b, (h // p) * (w // p), c * p * p)  # [B, G*G, C*p*p]
+        return x @ self.weight.reshape(self.weight.shape[0], -1).T  # [B, G*G, D]
+
+
 class VisionEmbed(nn.Module):
     """Patchify (conv, no bias), prepend the class token, add positions, ln_pre; FLIP dropout."""
 
     def __init__(self, cfg: VisionConfig, eps: float = 1e-5, patch_dropout: float = 0.0) -> None:
         super().__init__()
-        p = cfg.patch_size
-        self.conv1 = nn.Conv2d(cfg.channels, cfg.width, kernel_size=p, stride=p, bias=False)
+        self.conv1 = PatchEmbed(cfg.channels, cfg.width, cfg.patch_size)
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))
         self.positional_embedding = nn.Parameter(torch.empty(cfg.seq_len, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width, eps=eps)
         self.patch_dropout = patch_dropout
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(images.to(self.conv1.weight.dtype))  # [B, D, G, G]
-        x = x.flatten(2).transpose(1, 2)  # [B, G*G, D]
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # [B, G*G, D]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, S, D]
         if self.training and self.patch_dropout > 0:

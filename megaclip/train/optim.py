@@ -71,6 +71,6 @@ def build_optimizer(
     eps: float = 1e-6,
     guard_non_finite: bool = False,
 ) -> torch.optim.Optimizer:
-    """torch AdamW (no JIT build needed, works on every accelerator); guarded for ZeRO-0."""
+    """torch's fused AdamW (no JIT build, any accelerator); guarded for ZeRO-0 (see above)."""
     cls = GuardedAdamW if guard_non_finite else torch.optim.AdamW
-    return cls(list(params), lr=lr, betas=betas, eps=eps)
+    return cls(list(params), lr=lr, betas=betas, eps=eps, fused=True)
