@@ -47,11 +47,13 @@ LAYOUTS = {
 }
 
 
-def time_layout(model: str, tp, pp, dp, zero, micro, accum, steps, warmup) -> dict:
+def time_layout(
+    model: str, tp, pp, dp, zero, micro, accum, steps, warmup, schedule="global"
+) -> dict:
     """Median step time (slowest rank), summed CPU s/step, per-stage bubble of one layout."""
     spec = BenchSpec(
         model=model, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, accum=accum,
-        steps=steps, warmup=warmup,
+        steps=steps, warmup=warmup, schedule=schedule,
     )  # fmt: skip
     results = run_workers("steps", spec, tp * pp * dp)
     step = max(median(r["step_times"]) for r in results)
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bubble-micro", type=int, default=16, help="micro-batch of the bubble sweep")
     p.add_argument("--bubble-m", default="1,2,4,8", help="comma list of m ('' to skip)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    p.add_argument(
+        "--schedules", default="global,gradcache", help="pipeline schedules of the bubble sweep"
+    )
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every spawned rank
@@ -114,18 +119,26 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         out["layouts"][name] = r | {"micro": micro, "accum": accum}
     ms = [int(x) for x in args.bubble_m.split(",") if x]
+    schedules = [s for s in args.schedules.split(",") if s]
     if ms:
         print(f"\n## pipeline bubble, PP = 2, micro-batch {args.bubble_micro}")
-        head = ("m", "step ms", "stage 0", "stage 1", "measured", "(P-1)/(m+P-1)")
-        print(" ".join(f"{h:>{w}}" for h, w in zip(head, (3, 9, 8, 8, 9, 14))))
-    for m in ms:
-        r = time_layout(args.model, 1, 2, 1, 1, args.bubble_micro, m, args.steps, args.warmup)
-        b = r["bubble_per_stage"]
-        mean = sum(b) / len(b)
-        print(f"{m:>3} {1e3 * r['step_s']:>9.1f} {b[0]:>8.3f} {b[1]:>8.3f} {mean:>9.3f} "
-              f"{analytic_bubble(2, m):>14.3f}")  # fmt: skip
-        sys.stdout.flush()
-        out["bubble"][m] = r | {"measured": mean, "analytic": analytic_bubble(2, m)}
+        head = ("schedule", "m", "step ms", "stage 0", "stage 1", "measured", "(P-1)/(m+P-1)")
+        widths = (9, 3, 9, 8, 8, 9, 14)
+        print(" ".join(f"{h:>{w}}" for h, w in zip(head, widths)))
+    for m in ms:  # the schedules alternate per m, so both see the same machine load
+        for sched in schedules:
+            r = time_layout(
+                args.model, 1, 2, 1, 1, args.bubble_micro, m, args.steps, args.warmup, sched
+            )
+            b = r["bubble_per_stage"]
+            mean = sum(b) / len(b)
+            print(f"{sched:>9} {m:>3} {1e3 * r['step_s']:>9.1f} {b[0]:>8.3f} {b[1]:>8.3f} "
+                  f"{mean:>9.3f} {analytic_bubble(2, m):>14.3f}")  # fmt: skip
+            sys.stdout.flush()
+            out["bubble"][f"{sched}-{m}"] = r | {
+                "measured": mean,
+                "analytic": analytic_bubble(2, m),
+            }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
     return 0

@@ -33,6 +33,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     p.add_argument("--recompute", action="store_true", help="activation checkpointing")
+    p.add_argument(
+        "--schedule",
+        choices=("global", "gradcache"),
+        default="global",
+        help="pipeline schedule for --pp > 1 (see docs/parallelism.md)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-size", type=int, default=2048, help="CPU GEMM probe size n (n^3)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -70,6 +76,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         steps=args.steps,
         warmup=args.warmup,
         recompute=args.recompute,
+        schedule=args.schedule,
         seed=args.seed,
     )
 
