@@ -13,7 +13,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megaclip", "megaclip.*"]),
     package_data={
-        "megaclip": ["config/presets/*.yaml", "tokenizer/*.gz", "data/*.txt", "scaling/data/*.csv"]
+        "megaclip": [
+            "config/presets/*.yaml",
+            "bench/models/*.yaml",
+            "tokenizer/*.gz",
+            "scaling/data/*.csv",
+        ]
     },
     include_package_data=True,
     # A range, not a pin: GPU users keep the CUDA torch they already have.
