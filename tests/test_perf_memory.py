@@ -17,17 +17,22 @@ from megaclip.model.blocks import ResidualBlock, run_blocks
 from megaclip.model.clip import ClipModel
 from megaclip.model.flops import model_cost
 from megaclip.perf.memory import (
+    BUCKET_ELEMS,
     alive_micro_batches,
     block_activation_bytes,
     block_params_per_rank,
+    default_stages,
     even_stages,
     layout_memory,
     loss_bytes,
     model_state_bytes,
     optimizer_wrapper,
+    rank_model_states,
     stage_activation_bytes,
     stage_param_count,
+    stage_params,
 )
+from megaclip.pipeline.partition import partition
 
 TINY = load_preset("tiny")
 W, M = 32, 64
@@ -125,18 +130,37 @@ def test_deepspeed_wrapper_choice():
 
 
 def test_model_states_zero_0_to_3_bf16():
-    n = 45697  # the whole tiny model, pp = 1, tp = 1, dp = 4
+    n = 45697  # the whole tiny model, pp = 1, tp = 1, dp = 4, m = 3
     z0 = model_state_bytes(n, par(zero_stage=0))
     assert (z0.params, z0.grads, z0.optimizer) == (2 * n, 2 * n, 12 * n)  # 16 bytes/param
     assert z0.step_transient == 4 * n + 2 * n  # fp32 flat grads + all-reduce buffer
+    b = BUCKET_ELEMS
     z1 = model_state_bytes(n, par(zero_stage=1))
-    assert (z1.params, z1.grads, z1.optimizer) == (2 * n, 2 * n, 3 * n)  # 12n / 4
+    # the reduced gradient partition only: DeepSpeed frees the full .grad as it reduces
+    assert (z1.params, z1.grads, z1.optimizer) == (2 * n, 2 * n / 4, 3 * n)  # 12n / 4
+    assert z1.buffers == 0
+    assert z1.working == 2 * 2 * b + 2 * n  # two reduce buckets + full grads accumulated (m=3)
     assert z1.step_transient == n + 2 * n  # fp32 partition 4n/4 + all-gather bucket (n < 5e7)
+    z1m1 = model_state_bytes(n, par(zero_stage=1, grad_accum_steps=1), overlap_comm=False)
+    assert z1m1.working == 2 * b  # m = 1: no accumulation; one bucket without overlap_comm
     z2 = model_state_bytes(n, par(zero_stage=2))
-    assert (z2.params, z2.grads, z2.optimizer) == (2 * n, 2 * n / 4 + 2 * 2 * n, 3 * n)
+    assert (z2.params, z2.grads, z2.optimizer) == (2 * n, 2 * n / 4, 3 * n)
+    assert z2.working == 2 * 2 * b  # ZeRO-2 never holds full gradients
     live = 2 * BLOCK
-    z3 = model_state_bytes(n, par(zero_stage=3), zero3_live_params=live)
-    assert (z3.params, z3.grads, z3.optimizer) == (2 * n / 4 + 2 * live, z2.grads, 3 * n)
+    z3 = model_state_bytes(n, par(zero_stage=3), zero3_live_params=live, reduce_bucket_elems=7)
+    assert (z3.params, z3.grads, z3.optimizer) == (2 * n / 4, 2 * n / 4, 3 * n)
+    assert (z3.buffers, z3.working) == (2 * 7, 2 * live)  # persistent bucket; gathered blocks
+    assert z3.model_states == z3.params + z3.grads + z3.optimizer
+    assert z3.resident == z3.model_states + z3.buffers
+
+
+def test_rank_model_states_uses_the_pipeline_partition():
+    p = par(zero_stage=1, pp=2, tp=2, precision="fp32")
+    stages = partition(TINY, 2)
+    for i, s in enumerate(stages):
+        n = stage_params(TINY, 2, s)
+        assert rank_model_states(TINY, p, i) == model_state_bytes(n, p)
+    assert default_stages(TINY, 2) == tuple(stages)
 
 
 def test_model_states_fp32_and_pipeline_bf16():
@@ -144,7 +168,7 @@ def test_model_states_fp32_and_pipeline_bf16():
     fp32 = model_state_bytes(n, par(zero_stage=0, precision="fp32", tp=2, pp=2))
     assert (fp32.params, fp32.grads, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
     z1 = model_state_bytes(n, par(zero_stage=1, precision="fp32", tp=2, pp=2))
-    assert (z1.params, z1.grads, z1.optimizer) == (4 * n, 4 * n, 12 * n / 4)
+    assert (z1.params, z1.grads, z1.optimizer) == (4 * n, 4 * n / 4, 12 * n / 4)
     # BF16_Optimizer: bf16 params, lp grads + bf16 accumulation buffer, master+Adam over DP
     pipe = model_state_bytes(n, par(zero_stage=0, tp=2, pp=2))
     assert (pipe.params, pipe.grads, pipe.optimizer) == (2 * n, 4 * n, 3 * n)
@@ -229,5 +253,5 @@ def test_loss_memory_and_peak():
     assert first.loss == 0 and last.loss == loss_bytes(TINY, p)
     assert first.params_count == 18080 and last.params_count == 10913
     for m in (first, last):
-        resident = m.params + m.grads + m.optimizer
-        assert m.peak == resident + max(m.activations + m.loss, m.step_transient)
+        resident = m.params + m.grads + m.optimizer + m.buffers
+        assert m.peak == resident + max(m.activations + m.loss + m.working, m.step_transient)

@@ -10,32 +10,41 @@ Pipeline parallelism: a stage holds vision blocks [a, b) and text blocks [c, d);
 the patch/token/position embeddings, class token and ln_pre; the last stage ln_post + proj,
 ln_final + text_projection and ``logit_scale``.
 
-Model states follow what DeepSpeed 0.19.8 allocates (see :func:`optimizer_wrapper`); with
-``w`` bytes per 16/32-bit parameter, ``n`` parameters on the rank and ``d`` data-parallel ranks:
+Model states follow what DeepSpeed 0.19.8 allocates (see :func:`optimizer_wrapper`), checked
+against the tensors a real engine holds at the optimizer step (benchmarks/memory_accounting.py,
+tests/test_memory_planner_vs_measured.py). With ``w`` bytes per 16/32-bit parameter, ``n``
+parameters on the rank, ``d`` data-parallel ranks, ``m`` micro-batches per step, ``R`` the
+``reduce_bucket_size`` and ``k = 2`` with ``overlap_comm`` (else 1):
 
-==================  ==========  =====================  ===============  =====================
-wrapper             params      gradients              optimizer        step transient
-==================  ==========  =====================  ===============  =====================
-torch (fp32, Z0)    4n          4n                     8n (Adam m, v)   4 AR bucket
-fp16_optimizer      2n          2n                     12n              4n + 2 AR bucket
-bf16_optimizer      2n          2n + g n (hp buffer)   12n / d          4n/d (g = 2) + 2 AR b.
-zero (stage 1)      w n         g n                    12n / d          4n / d + w bucket
-zero (stage 2)      w n         g n / d + 2 g bucket   12n / d          4n / d + w bucket
-zero (stage 3)      w n / d     g n / d + 2 g bucket   12n / d          4n / d + w bucket
-                    + 2 blocks
-==================  ==========  =====================  ===============  =====================
+================  ======  =============  =======  ===========  =====================  =========
+wrapper           params  grads          optim.   buffers      working (fwd/bwd)      step
+================  ======  =============  =======  ===========  =====================  =========
+torch (fp32, Z0)  4n      4n             8n       -            -                      4 AR b.
+fp16_optimizer    2n      2n             12n      -            -                      4n + 2 AR
+bf16_optimizer    2n      2n + g n       12n / d  -            -                      4n/d + 2 AR
+zero (stage 1)    w n     g n / d        12n / d  -            k g R (+ g n if m > 1)  4n/d + w A
+zero (stage 2)    w n     g n / d        12n / d  -            k w R                  4n/d + w A
+zero (stage 3)    w n/d   g n / d        12n / d  w R          w * 2 blocks           4n/d + w A
+================  ======  =============  =======  ===========  =====================  =========
 
 ``g`` = bytes of an accumulated gradient: ``w`` (DeepSpeed's default ``grad_accum_dtype``) or 4.
 12 = fp32 master copy (4) + Adam m and v (8): the "16 bytes per parameter" of mixed precision
-(2 + 2 + 12), 18 when gradients are accumulated in fp32 (``g = 4``). "AR bucket": the ZeRO-0
-wrappers flatten up to 5e8 gradients for their all-reduce; "bucket": 5e7 elements (planner's
-``reduce_bucket_size`` / ``allgather_bucket_size``). ZeRO-1/2 keep a separate
-fp32 partition even for fp32 models (``single_partition_of_fp32_groups``), hence 12n/d there too.
+(2 + 2 + 12), 18 when gradients are accumulated in fp32 (``g = 4``). ZeRO-1/2 keep a separate
+fp32 partition even for fp32 models, hence 12n/d there too. ZeRO-1 reduces each gradient into
+its partition as soon as the boundary micro-batch produces it and frees the full ``.grad``
+(exactly like ZeRO-2), so at m = 1 it never holds full gradients; with m > 1 it accumulates
+full gradients over the earlier micro-batches ("working"). The reduce buckets are allocated
+per backward (ZeRO-1/2, ``setup_buckets``) or once (ZeRO-3, ``contiguous_gradients``), at the
+configured size whatever n is. "AR b.": the ZeRO-0 wrappers' all-reduce buffer (up to 5e8
+elements); "A": the all-gather bucket (``min(n, allgather_bucket_size)``).
 ``bf16_optimizer`` (DeepSpeed's BF16_Optimizer, used by the pipeline engine with bf16 at ZeRO-0)
 partitions its fp32 master and Adam states over DP although it is "stage 0", and keeps the
 low-precision ``.grad`` *and* a full high-precision accumulation buffer of dtype ``g``.
-The step transient exists only inside ``optimizer.step()``, when activations are gone, so the
-peak is ``states + max(activations + loss, step transient)``.
+Not modelled: ZeRO-1/2's gradient partition holds *whole* parameters that straddle a partition
+boundary (a few % of the gradients of a tiny model, negligible for large ones); flat groups
+padded to a multiple of d; ZeRO-3 parameters under ``stage3_param_persistence_threshold`` stay
+whole on every rank. Peak of a rank: ``states + buffers + max(activations + loss + working,
+step transient)`` (the step transient exists only inside ``optimizer.step()``).
 
 Activations (bytes per micro-batch per block, ``a`` bytes per activation element, tokens
 ``T = b * S``, TP size ``t``, heads ``h``), with fused (flash / memory-efficient) attention:
@@ -70,11 +79,14 @@ from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.errors import ConfigError
 from megaclip.parallel.shapes import check_tensor_parallel
+from megaclip.pipeline.partition import partition
 
 #: DeepSpeed buckets written by the planner's config (elements): reduce/all-gather bucket size.
 BUCKET_ELEMS = 50_000_000
 #: DeepSpeed's fallback all-reduce buffer for ZeRO-0 wrappers (MEMORY_OPT_ALLREDUCE_SIZE).
 ALLREDUCE_FALLBACK_ELEMS = 500_000_000
+#: DeepSpeed 0.19.8's own default reduce/all-gather bucket (elements), used when a config sets none.
+DEEPSPEED_DEFAULT_BUCKET_ELEMS = 500_000_000
 #: Column chunk of the chunked contrastive loss (an assumption; the loss module may differ).
 LOSS_CHUNK = 8192
 
@@ -221,6 +233,11 @@ def even_stages(cfg: ClipConfig, pp: int) -> tuple[StageRanges, ...]:
     return tuple(stages)
 
 
+def default_stages(cfg: ClipConfig, pp: int) -> tuple[StageLike, ...]:
+    """The stages megaclip trains with: megaclip.pipeline's FLOP-balanced partition(cfg, pp)."""
+    return tuple(partition(cfg, pp))
+
+
 def stage_params(cfg: ClipConfig, tp: int, stage: StageLike) -> int:
     """:func:`stage_param_count` for a stage object."""
     return stage_param_count(cfg, tp, stage.vision, stage.text, stage.first, stage.last)
@@ -255,17 +272,32 @@ def optimizer_wrapper(par: ParallelConfig, grad_accum_fp32: bool = False) -> str
 
 @dataclass(frozen=True)
 class StateBytes:
-    """Bytes of model states on one rank, and the extra bytes live only during optimizer.step()."""
+    """Model-state bytes of one rank, split by when they are live.
+
+    ``params``, ``grads`` and ``optimizer`` are what the rank holds at the optimizer step (what
+    :func:`megaclip.bench.memory.count_state` counts in a real engine); ``buffers`` persistent
+    communication buffers (ZeRO-3's gradient bucket: the count's "other"); ``working`` bytes
+    live only during forward/backward, on top of the activations (ZeRO-1's accumulated full
+    gradients when m > 1, ZeRO-1/2's reduce buckets, ZeRO-3's gathered blocks);
+    ``step_transient`` bytes live only inside ``optimizer.step()``.
+    """
 
     params: float
     grads: float
     optimizer: float
     step_transient: float
+    buffers: float = 0.0
+    working: float = 0.0
+
+    @property
+    def model_states(self) -> float:
+        """params + grads + optimizer: the counted model states at the optimizer step."""
+        return self.params + self.grads + self.optimizer
 
     @property
     def resident(self) -> float:
-        """Bytes held for the whole step: params + grads + optimizer states."""
-        return self.params + self.grads + self.optimizer
+        """Bytes held for the whole step: model states + persistent buffers."""
+        return self.model_states + self.buffers
 
 
 def model_state_bytes(
@@ -274,16 +306,22 @@ def model_state_bytes(
     *,
     grad_accum_fp32: bool = False,
     zero3_live_params: int = 0,
+    reduce_bucket_elems: int = BUCKET_ELEMS,
+    allgather_bucket_elems: int = BUCKET_ELEMS,
+    overlap_comm: bool = True,
 ) -> StateBytes:
-    """Parameter, gradient and optimizer bytes of a rank holding ``n`` parameters (table above).
+    """Bytes of a rank holding ``n`` parameters under DeepSpeed 0.19.8 (module docstring table).
 
-    ``zero3_live_params``: parameters ZeRO-3 holds gathered at once (current + prefetched block).
+    ``zero3_live_params``: parameters ZeRO-3 holds gathered at once (current + prefetched
+    block). ``reduce_bucket_elems`` / ``allgather_bucket_elems`` / ``overlap_comm``: the
+    DeepSpeed ``zero_optimization`` settings (the planner writes 5e7, 5e7, true; DeepSpeed's
+    defaults are 5e8, 5e8, false). ZeRO-1/2 allocate ``1 + overlap_comm`` reduce buckets
+    during each backward; ZeRO-3 one for its whole life (``contiguous_gradients``).
     """
     d = par.dp
     w = bytes_per_element(par.precision)
     g = 4 if grad_accum_fp32 else w
     wrapper = optimizer_wrapper(par, grad_accum_fp32)
-    bucket = min(n, BUCKET_ELEMS)
     if wrapper == "torch":
         return StateBytes(4 * n, 4 * n, 8 * n, 4 * min(n, ALLREDUCE_FALLBACK_ELEMS))
     if wrapper == "fp16_optimizer":
@@ -292,13 +330,49 @@ def model_state_bytes(
     if wrapper == "bf16_optimizer":
         transient = (4 * n / d if g == 2 else 0) + 2 * min(n, ALLREDUCE_FALLBACK_ELEMS)
         return StateBytes(2 * n, (2 + g) * n, 12 * n / d, transient)
-    transient = 4 * n / d + w * bucket  # fp32 gradient partition + all-gather bucket
-    if par.zero_stage == 1:
-        return StateBytes(w * n, g * n, 12 * n / d, transient)
-    if par.zero_stage == 2:
-        return StateBytes(w * n, g * n / d + 2 * g * bucket, 12 * n / d, transient)
+    # ZeRO-1/2/3: fp32 master + Adam m, v partitioned; the reduced gradient partition g n / d.
+    transient = 4 * n / d + w * min(n, allgather_bucket_elems)  # fp32 grad partition + gather
+    if par.zero_stage in (1, 2):
+        buckets = (2 if overlap_comm else 1) * reduce_bucket_elems
+        # ZeRO-1 stages reductions in the accumulation dtype, ZeRO-2 in the parameter dtype.
+        working = (g if par.zero_stage == 1 else w) * buckets
+        if par.zero_stage == 1 and par.grad_accum_steps > 1:
+            working += g * n  # full .grad accumulated until the boundary micro-batch reduces it
+        return StateBytes(w * n, g * n / d, 12 * n / d, transient, working=working)
     return StateBytes(
-        w * n / d + w * zero3_live_params, g * n / d + 2 * g * bucket, 12 * n / d, transient
+        w * n / d,
+        g * n / d,
+        12 * n / d,
+        transient,
+        buffers=w * reduce_bucket_elems,
+        working=w * zero3_live_params,
+    )
+
+
+def rank_model_states(
+    cfg: ClipConfig,
+    par: ParallelConfig,
+    pp_rank: int = 0,
+    stages: tuple[StageLike, ...] | None = None,
+    **kwargs: object,
+) -> StateBytes:
+    """:func:`model_state_bytes` of one rank of pipeline stage ``pp_rank``.
+
+    ``stages`` default to :func:`default_stages` (megaclip.pipeline's partition); ``kwargs``
+    go to :func:`model_state_bytes` (``zero3_live_params`` defaults to two of the widest block).
+    """
+    stages = default_stages(cfg, par.pp) if stages is None else stages
+    n = stage_params(cfg, par.tp, stages[pp_rank])
+    if par.zero_stage == 3:
+        kwargs.setdefault("zero3_live_params", _zero3_live(cfg, par.tp))
+    return model_state_bytes(n, par, **kwargs)  # type: ignore[arg-type]
+
+
+def _zero3_live(cfg: ClipConfig, tp: int) -> int:
+    v, t = cfg.vision, cfg.text
+    return 2 * max(
+        block_params_per_rank(v.width, v.mlp_dim, tp),
+        block_params_per_rank(t.width, t.mlp_dim, tp),
     )
 
 
@@ -393,12 +467,14 @@ class StageMemory:
     activations: float
     loss: float
     step_transient: float
+    buffers: float = 0.0
+    working: float = 0.0
 
     @property
     def peak(self) -> float:
-        """states + max(activations + loss, optimizer-step transient)."""
-        resident = self.params + self.grads + self.optimizer
-        return resident + max(self.activations + self.loss, self.step_transient)
+        """states + buffers + max(activations + loss + working, optimizer-step transient)."""
+        resident = self.params + self.grads + self.optimizer + self.buffers
+        return resident + max(self.activations + self.loss + self.working, self.step_transient)
 
     def as_dict(self) -> dict[str, float]:
         gib = 2**30
@@ -411,6 +487,8 @@ class StageMemory:
             "activations_gib": self.activations / gib,
             "loss_gib": self.loss / gib,
             "step_transient_gib": self.step_transient / gib,
+            "buffers_gib": self.buffers / gib,
+            "working_gib": self.working / gib,
             "peak_gib": self.peak / gib,
         }
 
@@ -426,13 +504,7 @@ def stage_memory(
 ) -> StageMemory:
     """Peak memory breakdown of one rank of stage number ``index`` under layout ``par``."""
     n = stage_params(cfg, par.tp, stage)
-    live = 0
-    if par.zero_stage == 3:
-        v, t = cfg.vision, cfg.text
-        live = 2 * max(
-            block_params_per_rank(v.width, v.mlp_dim, par.tp),
-            block_params_per_rank(t.width, t.mlp_dim, par.tp),
-        )
+    live = _zero3_live(cfg, par.tp) if par.zero_stage == 3 else 0
     states = model_state_bytes(n, par, grad_accum_fp32=grad_accum_fp32, zero3_live_params=live)
     acts = stage_activation_bytes(cfg, par, stage, alive_micro_batches(par, index, schedule))
     loss = loss_bytes(cfg, par) if stage.last else 0.0
@@ -445,6 +517,8 @@ def stage_memory(
         acts,
         loss,
         states.step_transient,
+        states.buffers,
+        states.working,
     )
 
 
@@ -456,8 +530,8 @@ def layout_memory(
     grad_accum_fp32: bool = False,
     schedule: str = "gpipe",
 ) -> tuple[StageMemory, ...]:
-    """Per-stage memory of a layout (stages default to :func:`even_stages`)."""
-    stages = even_stages(cfg, par.pp) if stages is None else stages
+    """Per-stage memory of a layout (stages default to :func:`default_stages`)."""
+    stages = default_stages(cfg, par.pp) if stages is None else stages
     if len(stages) != par.pp:
         raise ConfigError(f"got {len(stages)} stage ranges for pp={par.pp}")
     return tuple(

@@ -26,7 +26,7 @@ from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.errors import ConfigError
 from megaclip.perf.calibration import CALIBRATED
-from megaclip.perf.memory import BUCKET_ELEMS, StageMemory, even_stages, layout_memory
+from megaclip.perf.memory import BUCKET_ELEMS, StageMemory, default_stages, layout_memory
 from megaclip.perf.timing import Cluster, Efficiency, StepTime, Workload, step_time
 
 GIB = 2**30
@@ -219,7 +219,7 @@ def plan(req: PlanRequest) -> PlanResult:
     tried = 0
     for par in layouts(req):
         tried += 1
-        stages = stage_cache.setdefault(par.pp, even_stages(req.model, par.pp))
+        stages = stage_cache.setdefault(par.pp, default_stages(req.model, par.pp))
         mem = layout_memory(req.model, par, stages, schedule=req.schedule)
         cand = Candidate(par, mem, None)
         if cand.peak_bytes > limit:
