@@ -155,7 +155,7 @@ class Segment:
     resumed_from: int = 0
     log: str = ""
     rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds in, total MiB)
-    orphans: int = 0  # ranks still alive 5 s after their launcher was SIGKILLed
+    orphans: int = 0  # ranks still alive 15 s after their launcher was SIGKILLed
     interrupted_save: bool = False
     logged: int = 0
     consistent: bool = True
@@ -306,6 +306,7 @@ def run_soak(args: argparse.Namespace) -> dict:
         "orphaned_ranks_after_kill": sum(s.orphans for s in segments),
         "restarts": restarts,
         "restarts_survived": survived,
+        "restarts_killed_before_training": sum(1 for s in segments[1:] if not s.logged),
         "restarts_from_step_0": sum(1 for s in segments[1:] if s.logged and not s.resumed_from),
         "steps_done": steps,
         "steps_logged_incl_redone": steps_logged,
@@ -354,7 +355,7 @@ def watch(
     return ranks
 
 
-def reap_orphans(ranks: list[int], grace_s: float = 5.0) -> int:
+def reap_orphans(ranks: list[int], grace_s: float = 15.0) -> int:
     """How many of ``ranks`` outlived their launcher by ``grace_s``; those are SIGKILLed."""
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(alive(pid) for pid in ranks):

@@ -84,7 +84,11 @@ def test_is_peer_failure():
         RuntimeError("Timed out waiting 5000ms for recv operation to complete"),
         RuntimeError("NCCL error: remote process exited or there was a network error"),
     ]
-    no = [RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("timed out")]
+    no = [
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+        RuntimeError("DataLoader timed out after 30 seconds"),
+        ValueError("Timed out waiting"),
+    ]
     assert all(is_peer_failure(e) for e in yes)
     assert not any(is_peer_failure(e) for e in no)
 

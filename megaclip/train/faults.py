@@ -49,15 +49,17 @@ _EXIT_GRACE_S = 2.0  # how long a dead peer may take from closing its sockets to
 
 # Substrings of the errors torch.distributed backends raise when a peer died or went silent
 # (gloo: "Connection closed by peer", "Connection reset by peer", "Timed out waiting 10000ms
-# for recv operation"; NCCL: "remote process exited or there was a network error").
+# for recv operation"; NCCL: "remote process exited or there was a network error", the
+# watchdog's "collective operation timeout"). torch's DistError subclasses count as well.
 _PEER_ERROR_MARKS = (
     "connection closed by peer",
     "connection reset by peer",
     "connection refused",
     "broken pipe",
-    "timed out",
+    "timed out waiting",
+    "operation timed out",
+    "collective operation timeout",
     "remote process exited",
-    "network error",
     "ncclremoteerror",
 )
 
@@ -340,7 +342,9 @@ def exit_with_launcher(env: Mapping[str, str] | None = None) -> bool:
     scheduler killing the launcher only, ``kill -9``) leaves its ranks training on, orphaned,
     next to the restarted job and writing into the same checkpoints. Armed by default under
     torchrun (``TORCHELASTIC_RUN_ID`` set); ``MEGACLIP_EXIT_WITH_LAUNCHER=1`` / ``0`` forces
-    it on / off (e.g. for launch scripts that start ranks in the background and exit).
+    it on / off (e.g. for launch scripts that start ranks in the background and exit). A rank
+    whose launcher died before this call (it was adopted by a PID 1 that is not a torch
+    launcher) exits at once with :data:`KILLED_EXIT_CODE`.
     """
     env = os.environ if env is None else env
     wanted = env.get(EXIT_WITH_LAUNCHER_ENV, "")
@@ -354,9 +358,30 @@ def exit_with_launcher(env: Mapping[str, str] | None = None) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
         return False
-    if os.getppid() != parent:  # the launcher died before the request took effect
+    if os.getppid() != parent or _adopted_by_init(parent):
+        print(
+            "megaclip train: error: the launcher of this rank is gone (killed during start-up); "
+            "not training as an orphan",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(KILLED_EXIT_CODE)
     return True
+
+
+def _adopted_by_init(parent: int) -> bool:
+    """Whether ``parent`` is PID 1 that is not a torch launcher (we were orphaned and adopted).
+
+    A launcher that died before this rank armed its death signal leaves the rank to PID 1;
+    torchrun itself may be PID 1 in a container, so PID 1 running torch does not count.
+    """
+    if parent != 1:
+        return False
+    try:
+        init = Path("/proc/1/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"torch" not in init
 
 
 # ----------------------------------------------------------------------------- lost ranks
