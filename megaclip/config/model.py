@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from megaclip.config.schema import from_dict, load_mapping
+from megaclip.config.schema import from_dict, is_file, load_mapping
 from megaclip.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -132,7 +132,7 @@ def load_preset(name: str) -> ClipConfig:
     """The bundled preset ``name`` (``ViT-bigG-14`` is an alias of ``ViT-G-14``)."""
     canonical = ALIASES.get(name, name)
     path = PRESET_DIR / f"{canonical}.yaml"
-    if not path.is_file():
+    if not is_file(path):
         import difflib
 
         names = list_presets() + list(ALIASES)

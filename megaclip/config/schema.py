@@ -20,9 +20,12 @@ T = TypeVar("T")
 def load_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON file that must hold a mapping at top level."""
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
@@ -40,6 +43,14 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
             f"{path}: expected a mapping of keys to values, got {type(data).__name__}"
         )
     return data
+
+
+def is_file(path: str | Path) -> bool:
+    """Path.is_file() that answers False instead of raising for unusable names (too long...)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _type_name(tp: Any) -> str:
@@ -155,7 +166,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with ``key.sub=value`` overrides applied (validated later)."""
-    out = json.loads(json.dumps(data))
+    try:
+        out = json.loads(json.dumps(data))
+    except (ValueError, RecursionError):
+        raise ConfigError(
+            "the config is not plain data (a recursive YAML alias, or a value that is not a "
+            "string, number, boolean, list or mapping)"
+        ) from None
     for text in overrides:
         path, value = parse_override(text)
         node = out

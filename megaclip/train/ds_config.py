@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from megaclip.config.parallel import ParallelConfig
+from megaclip.config.schema import is_file
 from megaclip.errors import ConfigError
 
 _PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
@@ -20,10 +21,12 @@ def load_ds_config(source: str | Path | dict[str, Any] | None) -> dict[str, Any]
     if isinstance(source, dict):
         return copy.deepcopy(source)
     path = Path(source)
-    if not path.is_file():
+    if not is_file(path):
         raise ConfigError(f"DeepSpeed config not found: {path} (see ds_configs/ for examples)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except json.JSONDecodeError as err:
         raise ConfigError(
             f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"

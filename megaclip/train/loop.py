@@ -23,11 +23,27 @@ from megaclip.parallel.runtime import device, init_distributed
 from megaclip.parallel.topology import Topology
 from megaclip.train.ds_config import load_ds_config, resolve_ds_config
 from megaclip.train.engine import ClipEngine, StepResult
+from megaclip.train.faults import (  # reliability: see docs/reliability.md
+    SkipTally,
+    TrainingGuard,
+    batch_fingerprint,
+    check_checkpoint_inputs,
+    check_deepspeed_sections,
+    check_output_dir,
+    check_run_settings,
+    exit_with_launcher,
+    skip_record,
+)
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 
 
-def micro_batch_stream(cfg: RunConfig, topo: Topology, tokenizer) -> Iterator[tuple]:
-    """Endless (images, tokens) micro-batches for this DP rank (same for its TP/PP peers)."""
+def micro_batch_stream(
+    cfg: RunConfig, topo: Topology, tokenizer, tally: SkipTally | None = None
+) -> Iterator[tuple]:
+    """Endless (images, tokens) micro-batches for this DP rank (same for its TP/PP peers).
+
+    ``tally``: follows the loader's skipped-sample counts (webdataset only).
+    """
     m, par = cfg.model, cfg.parallel
     seed = topo.data_seed(cfg.train.seed)
     if cfg.data.kind == "synthetic":
@@ -62,6 +78,8 @@ def micro_batch_stream(cfg: RunConfig, topo: Topology, tokenizer) -> Iterator[tu
         shuffle_buffer=cfg.data.shuffle_buffer,
         max_skip_fraction=cfg.data.max_skip_fraction,
     )
+    if tally is not None:
+        tally.watch(loader)
     epoch = 0
     while True:  # epoch mode: each rank cycles its own share (ranks may hold unequal counts)
         loader.set_epoch(epoch)
@@ -74,6 +92,8 @@ def micro_batch_stream(cfg: RunConfig, topo: Topology, tokenizer) -> Iterator[tu
                 f"data.train yields no batch of {par.micro_batch_size} on DP rank "
                 f"{topo.coords.dp}: use fewer ranks, a smaller micro_batch_size or more data"
             )
+        if tally is not None:
+            tally.end_epoch()
         epoch += 1
 
 
@@ -122,7 +142,9 @@ class _Progress:
 def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     """Train ``cfg`` on the launched processes; returns the final summary on rank 0."""
     # Everything that can be wrong with the input is checked before any process group exists.
+    check_run_settings(cfg)  # reliability: faults.py
     ds = load_ds_config(ds_override or cfg.deepspeed)
+    check_deepspeed_sections(ds)  # reliability: faults.py
     par = cfg.parallel
     if "activation_checkpointing" in ds and not par.activation_checkpointing:
         par = dataclasses.replace(par, activation_checkpointing=True)
@@ -135,8 +157,12 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
 
         resolve_shards(cfg.data.train)
     check_zeroshot_inputs(cfg.zeroshot)
+    check_output_dir(cfg.train.out_dir)  # reliability: faults.py
+    check_checkpoint_inputs(cfg)  # reliability: faults.py
+    exit_with_launcher()  # reliability: no orphaned ranks when torchrun is SIGKILLed
     rank, world = init_distributed(cfg.train.dist_timeout_s)
-    topo = Topology(par, timeout_minutes=max(1, int(cfg.train.dist_timeout_s // 60)))
+    # reliability: sub-groups time out after dist_timeout_s too (megatron takes float minutes)
+    topo = Topology(par, timeout_minutes=cfg.train.dist_timeout_s / 60)
     out = Path(cfg.train.out_dir)
     is_main = rank == 0
     if is_main:
@@ -160,9 +186,22 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
         loss_mode=t.loss_mode,
         lock=lock,
     )
+    # -- reliability (megaclip/train/faults.py): a lost or silent peer ends the run in one line
+    with TrainingGuard(engine, out / "checkpoints", timeout_s=cfg.train.dist_timeout_s) as guard:
+        return _train_steps(cfg, engine, topo, tokenizer, world, guard)
+
+
+def _train_steps(
+    cfg: RunConfig, engine: ClipEngine, topo: Topology, tokenizer, world: int, guard: TrainingGuard
+) -> dict | None:
+    """Resume, run the steps, finish (every rank); the final summary on rank 0."""
+    par, t, out = cfg.parallel, cfg.train, Path(cfg.train.out_dir)
+    is_main = dist.get_rank() == 0
+    tally = SkipTally() if cfg.data.kind == "webdataset" else None
+    # -- end of the reliability wrapper
     hooks = TrainHooks(cfg, engine, tokenizer)
     start = hooks.resume()
-    stream = micro_batch_stream(cfg, topo, tokenizer)
+    stream = micro_batch_stream(cfg, topo, tokenizer, tally)
     hooks.skip_data(stream, start)
     flops_per_sample = model_cost(cfg.model).train_flops
     peak, peak_source = device_peak_tflops(par.precision)
@@ -182,6 +221,8 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
             hooks.stopped_early = True
             break
         batches = [next(stream) for _ in range(par.grad_accum_steps)]
+        fingerprint = batch_fingerprint(batches[0])  # reliability: data-stream check (soak)
+        guard.step_begins()  # reliability: the watchdog's clock
         last = engine.train_step(batches)
         samples_window += last.samples
         bad_run = bad_run + 1 if (last.skipped or not math.isfinite(last.loss)) else 0
@@ -217,6 +258,8 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
                 "step_time_s": last.step_time,
                 "peak_memory_gib": peak_memory_gib(),
             }
+            record["data_fingerprint"] = fingerprint  # reliability: faults.py
+            record.update(skip_record(tally, topo.dp_group))  # collective over DP
             t_window, samples_window = time.perf_counter(), 0
             if is_main:
                 writer.write(record)
