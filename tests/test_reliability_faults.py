@@ -67,6 +67,11 @@ def test_lost_contact_message_names_ranks_step_and_checkpoint():
     assert "a restart begins at step 0" in lost_contact_message([], True, 1, None, "x", 2)
     assert "still running but does not answer" in lost_contact_message([], True, 1, None, "", 0)
     assert "a rank on another host" in lost_contact_message([], False, 1, None, "", 0)
+    stalled = lost_contact_message([1], True, 3, "/c/step-2", "train.dist_timeout_s=4", 0, 6.4)
+    assert stalled == (
+        "step 3 made no progress for 6 s (train.dist_timeout_s=4); rank(s) 1 are gone: a rank "
+        "is hung or lost; restart to resume from /c/step-2 [rank 0]"
+    )
     assert len(lost_contact_message([1], True, 1, None, "y" * 1000, 0)) < 300
 
 
@@ -224,10 +229,10 @@ def test_hung_rank_ends_the_job_after_the_timeout(tmp_path):
     """Rank 1 stops answering in the backward of step 3: rank 0 waits in DeepSpeed's gradient
     all-reduce, whose process group has torch's 30-minute default; the step watchdog ends both
     ranks after ~train.dist_timeout_s instead."""
-    timeout_s = 4
+    timeout_s, run = 4, tmp_path / "run"
     results = launch_ranks(
         2,
-        [*COMMON, f"train.out_dir={tmp_path / 'run'}", f"train.dist_timeout_s={timeout_s}"],
+        [*COMMON, f"train.out_dir={run}", f"train.dist_timeout_s={timeout_s}"],
         tmp_path / "logs",
         env={
             "MEGACLIP_FAULT_KILL_RANK": "1",
@@ -241,8 +246,12 @@ def test_hung_rank_ends_the_job_after_the_timeout(tmp_path):
         assert r.rc == LOST_RANK_EXIT_CODE, (r.rank, r.rc, r.err[-3000:])
         lines = error_lines(r.err)
         assert len(lines) == 1 and "Traceback" not in r.err, r.err[-3000:]
-        assert "at step 3; restart to resume from" in lines[0] and "step-2" in lines[0], lines[0]
-    assert "made no progress" in " ".join(error_lines(results[0].err + results[1].err))
+        restart = f"restart to resume from {run}/checkpoints/step-2"
+        assert "step 3" in lines[0] and restart in lines[0], lines[0]
+    # rank 1 is stuck in its backward: its own watchdog ends it; rank 0 waits in DeepSpeed's
+    # all-reduce (30 min default) and is ended by its watchdog, or sees rank 1 go
+    assert "step 3 made no progress for" in error_lines(results[1].err)[0]
+    assert "a rank is hung or lost" in error_lines(results[1].err)[0]
     assert abs(results[0].seconds - results[1].seconds) < 10
 
 

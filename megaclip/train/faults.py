@@ -1,19 +1,22 @@
-"""Reliability of `megaclip train`: output-path pre-check, data accounting, lost-rank handling.
+"""Reliability of `megaclip train`: pre-checks, data accounting, lost ranks, launcher death.
 
-- :func:`check_output_dir`: an unwritable ``train.out_dir`` is a ConfigError before any
-  process group exists.
+- Pre-checks (before any process group): :func:`check_run_settings` (ranges, NaN/inf),
+  :func:`check_deepspeed_sections` (shapes of the DeepSpeed JSON sections megaclip reads),
+  :func:`check_output_dir` (a writable ``train.out_dir``), :func:`check_checkpoint_inputs` (the
+  checkpoint to be resumed or ``train.init_from``: architecture, truncated files).
 - :class:`SkipTally` / :func:`skip_record`: skipped-sample counts of the data stream across
   epochs, summed over the DP ranks, for the metrics record; :func:`batch_fingerprint`: a
   per-step hash of the data, so a resumed run's sample stream can be compared with an
   uninterrupted one (benchmarks/soak.py).
 - :class:`TrainingGuard`: around the training steps. When a peer process dies or stops
   answering, the collective this rank is in raises (gloo: "Connection closed by peer" at once;
-  a hung peer: after ``train.dist_timeout_s``); the guard turns that into one line naming the
-  lost rank(s) and the checkpoint to restart from, and ends this process with
-  :data:`LOST_RANK_EXIT_CODE` instead of a traceback or a hang.
+  a hung peer: after ``train.dist_timeout_s``), or the step watchdog fires; the guard turns
+  that into one line naming the lost rank(s) and the checkpoint to restart from, and ends this
+  process with :data:`LOST_RANK_EXIT_CODE` instead of a traceback or a hang.
+- :func:`exit_with_launcher`: under torchrun, a rank dies with its launcher (no orphans).
 - Fault injection for tests: ``MEGACLIP_FAULT_KILL_RANK`` / ``MEGACLIP_FAULT_KILL_STEP``
-  (``MEGACLIP_FAULT_MODE`` = ``exit`` (default) or ``hang``) make that rank ``os._exit`` (or
-  stop responding) in the forward pass of that step.
+  (``MEGACLIP_FAULT_MODE``: ``exit`` or ``hang``; ``MEGACLIP_FAULT_POINT``: ``forward`` or
+  ``backward``) make that rank ``os._exit`` (or stop responding) during that step.
 
 See docs/reliability.md.
 """
@@ -436,14 +439,13 @@ def lost_contact_message(
     restart_from: str | None,
     cause: str,
     rank: int,
+    stalled_s: float | None = None,
 ) -> str:
-    """The one line a surviving rank prints (pure)."""
-    if lost:
-        who = "rank(s) " + ", ".join(map(str, lost))
-    elif complete:
-        who = "a rank that is still running but does not answer (hung?)"
-    else:
-        who = "a rank on another host"
+    """The one line a rank prints when it gives up on its peers (pure).
+
+    ``cause``: the communication error's text, or with ``stalled_s`` the watchdog's reason
+    (then this rank itself may be the stuck one, so the line does not blame a peer).
+    """
     where = (
         f"restart to resume from {restart_from}"
         if restart_from
@@ -452,6 +454,18 @@ def lost_contact_message(
     cause = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", " ".join(cause.split()))
     if len(cause) > 160:
         cause = cause[:157] + "..."
+    if stalled_s is not None:
+        gone = f"; rank(s) {', '.join(map(str, lost))} are gone" if lost else ""
+        return (
+            f"step {step} made no progress for {stalled_s:.0f} s ({cause}){gone}: a rank is "
+            f"hung or lost; {where} [rank {rank}]"
+        )
+    if lost:
+        who = "rank(s) " + ", ".join(map(str, lost))
+    elif complete:
+        who = "a rank that is still running but does not answer (hung?)"
+    else:
+        who = "a rank on another host"
     return f"lost contact with {who} at step {step}; {where} [rank {rank}: {cause}]"
 
 
@@ -538,10 +552,7 @@ class TrainingGuard:
                 continue  # between steps: saving, evaluating, loading data
             waited = time.monotonic() - started[1]
             if waited > limit:
-                self._report(
-                    f"step {started[0]} made no progress for {waited:.0f} s "
-                    f"(train.dist_timeout_s={self.timeout_s:g})"
-                )
+                self._report(f"train.dist_timeout_s={self.timeout_s:g}", stalled_s=waited)
 
     def _arm(self, plan: FaultPlan) -> Any:
         """Install the injected fault as a forward pre-hook or a gradient hook; its handle."""
@@ -568,7 +579,7 @@ class TrainingGuard:
             return None
         return str(self.ckpt_dir / tag) if tag else None
 
-    def _report(self, cause: str) -> None:
+    def _report(self, cause: str, stalled_s: float | None = None) -> None:
         """Print the lost-contact line once and end the process (first caller wins)."""
         if not self._report_lock.acquire(blocking=False):
             time.sleep(3600)  # the other thread is reporting and about to end the process
@@ -579,7 +590,7 @@ class TrainingGuard:
             time.sleep(0.05)
             lost, complete = lost_ranks(self.peers, host)
         line = lost_contact_message(
-            lost, complete, self.step, self.restart_point(), cause, self.rank
+            lost, complete, self.step, self.restart_point(), cause, self.rank, stalled_s
         )
         print(f"megaclip train: error: {line}", file=self.stream or sys.stderr, flush=True)
         sys.stdout.flush()
