@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -232,7 +233,9 @@ def type_of(section: str) -> type:
     suffix=st.sampled_from([".yaml", ".json", ".yml", ""]),
 )
 def test_malformed_config_text_raises_megaclip_error(tripwire, text, suffix):
-    assume(not ("&" in text and "*" in text))  # recursive aliases: known defect, xfail below
+    # known defects, xfail below: recursive aliases; YAML dates / sets / binary (not JSON types)
+    assume(not ("&" in text and "*" in text))
+    assume(not re.search(r"\d{4}-\d\d?-\d\d?|!!", text))
     path = tripwire / f"cfg{suffix}"
     path.write_text(text, encoding="utf-8")
     precheck(path=path, overrides=["parallel.dp=1", "data.kind=synthetic"])
@@ -392,6 +395,17 @@ def test_non_utf8_config_file_raises_megaclip_error(tripwire):
 def test_recursive_yaml_alias_raises_megaclip_error(tripwire):
     path = tripwire / "cfg.yaml"
     path.write_text("model: tiny\nx: &a [*a]\n", encoding="utf-8")
+    precheck(path=path, overrides=["parallel.dp=1"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=KNOWN.format("config/schema.py", "apply_overrides: TypeError on YAML dates and sets"),
+)
+@pytest.mark.parametrize("value", ["2024-01-01", "!!set {a, b}", "!!binary aGk="])
+def test_yaml_values_that_are_not_json_types_raise_megaclip_error(tripwire, value):
+    path = tripwire / "cfg.yaml"
+    path.write_text(f"model: tiny\ntrain: {{seed: {value}}}\n", encoding="utf-8")
     precheck(path=path, overrides=["parallel.dp=1"])
 
 
