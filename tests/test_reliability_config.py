@@ -382,3 +382,10 @@ def test_overlong_model_name_raises_megaclip_error(tripwire):
 
 def test_overlong_deepspeed_path_raises_megaclip_error(tripwire):
     precheck(set_path(base(), ("deepspeed",), "x" * 300 + ".json"))
+
+
+@pytest.mark.parametrize("value", ["2024-01-01", "!!set {a, b}", "!!binary aGk="])
+def test_yaml_values_that_are_not_json_types_raise_megaclip_error(tripwire, value):
+    path = tripwire / "cfg.yaml"
+    path.write_text(f"model: tiny\ntrain: {{seed: {value}}}\n", encoding="utf-8")
+    precheck(path=path, overrides=["parallel.dp=1"])

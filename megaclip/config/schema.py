@@ -168,10 +168,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Return a copy of ``data`` with ``key.sub=value`` overrides applied (validated later)."""
     try:
         out = json.loads(json.dumps(data))
-    except (ValueError, RecursionError):
+    except (TypeError, ValueError, RecursionError):
         raise ConfigError(
-            "the config is not plain data (a recursive YAML alias, or a value that is not a "
-            "string, number, boolean, list or mapping)"
+            "the config is not plain data: quote dates, and use no recursive aliases (&a ... *a) "
+            "or !!set / !!binary tags (values must be strings, numbers, booleans, lists or maps)"
         ) from None
     for text in overrides:
         path, value = parse_override(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from datetime import timedelta
 
@@ -26,6 +27,12 @@ def device() -> torch.device:
     return torch.device(acc.device_name(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     """Initialise torch.distributed from launcher env vars (torchrun / deepspeed / SLURM).
 
@@ -41,7 +48,11 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # A launcher always sets it; a lone process takes any free port (29500 may be busy).
+        os.environ["MASTER_PORT"] = (
+            str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+        )
     acc = accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ["LOCAL_RANK"]))
