@@ -44,7 +44,24 @@ def _no_init(_: torch.Tensor) -> None:
     return None
 
 
-class ColumnLinear(ColumnParallelLinear):
+class _MegaclipLinear:
+    """What both wrappers add to megatron: plain math without a TP group, clean state dicts."""
+
+    # megatron adds an empty "_extra_state" entry per layer; keep state dicts to real tensors.
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def _adopt(self, tp_group: dist.ProcessGroup | None) -> None:
+        self.explicit_tp_group = tp_group  # megatron may substitute its global group for None
+        self._load_state_dict_pre_hooks.clear()  # megatron's hook injects "_extra_state" keys
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in(/tp)] -> [..., out(/tp)]
+        if self.explicit_tp_group is None:
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)[0]
+
+
+class ColumnLinear(_MegaclipLinear, ColumnParallelLinear):
     """y_r = x A_r^T + b_r, A split by output rows over TP ranks; backward all-reduces dL/dx."""
 
     def __init__(
@@ -66,24 +83,14 @@ class ColumnLinear(ColumnParallelLinear):
             stride=stride,
             tp_group=tp_group,
         )
+        self._adopt(tp_group)
         # megatron sets these only for TP > 1; the checkpoint converter relies on them always.
-        self.explicit_tp_group = tp_group  # megatron may substitute its global group for None
-        self._load_state_dict_pre_hooks.clear()  # megatron's hook injects "_extra_state" keys
         _mark_sharded(self.weight, dim=0, stride=stride)
         if self.bias is not None:
             _mark_sharded(self.bias, dim=0, stride=stride)
 
-    # megatron adds an empty "_extra_state" entry per layer; keep state dicts to real tensors.
-    get_extra_state = nn.Module.get_extra_state
-    set_extra_state = nn.Module.set_extra_state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out / tp]
-        if self.explicit_tp_group is None:
-            return F.linear(x, self.weight, self.bias)
-        return super().forward(x)[0]
-
-
-class RowLinear(RowParallelLinear):
+class RowLinear(_MegaclipLinear, RowParallelLinear):
     """y = all_reduce_r(x_r A_r^T) + b, A split by input columns over TP ranks; b replicated."""
 
     def __init__(
@@ -104,17 +111,8 @@ class RowLinear(RowParallelLinear):
             skip_bias_add=False,
             tp_group=tp_group,
         )
-        self.explicit_tp_group = tp_group
-        self._load_state_dict_pre_hooks.clear()
+        self._adopt(tp_group)
         _mark_sharded(self.weight, dim=1, stride=1)
-
-    get_extra_state = nn.Module.get_extra_state
-    set_extra_state = nn.Module.set_extra_state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in / tp] -> [..., out]
-        if self.explicit_tp_group is None:
-            return F.linear(x, self.weight, self.bias)
-        return super().forward(x)[0]
 
 
 def partition_of(param: torch.Tensor) -> tuple[int | None, int]:
