@@ -1,52 +1,21 @@
-"""Run metrics: throughput, TFLOPs/MFU, memory; JSONL + TensorBoard writers; a CPU peak probe."""
+"""Run metrics: device peak for MFU, peak memory, JSONL + TensorBoard writers."""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-# Dense peak TFLOP/s per device (vendor spec sheets; bf16/fp16 tensor cores, fp32 non-tensor).
-DEVICE_PEAK_TFLOPS = {
-    "a100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "h100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "h200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-}
-
-
-def matmul_peak_tflops(
-    dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5
-) -> float:
-    """Measured dense GEMM TFLOP/s of this process (best of ``repeats`` n^3 matmuls)."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
-
 
 def device_peak_tflops(precision: str) -> tuple[float, str]:
-    """(peak TFLOP/s, how it was obtained) for this process's accelerator and precision."""
-    from megaclip.parallel.runtime import accelerator
+    """(peak TFLOP/s, source): the device table for known GPUs, else a matmul probe here."""
+    from megaclip.bench.peak import device_peak
+    from megaclip.parallel.runtime import device
 
-    acc = accelerator()
-    if acc.device_name() == "cpu":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(precision, torch.float32)
-        return matmul_peak_tflops(dtype), "cpu matmul probe"
-    name = torch.cuda.get_device_name().lower() if torch.cuda.is_available() else ""
-    for key, table in DEVICE_PEAK_TFLOPS.items():
-        if key in name:
-            return table[precision], f"{key} spec sheet"
-    return float("nan"), f"unknown device {name!r}"
+    peak = device_peak(precision, device())
+    return peak.flops / 1e12, peak.source
 
 
 def peak_memory_gib() -> float:
