@@ -32,7 +32,7 @@ from megaclip.errors import CheckpointError
 from megaclip.model.clip import ClipModel
 from megaclip.parallel.layers import partition_of
 from megaclip.pipeline.partition import partition
-from megaclip.pipeline.stages import ClipStage
+from megaclip.pipeline.stages import PipeStage
 from tests.mp_util import REPO
 
 CFG = load_preset("tiny-pp")
@@ -49,7 +49,7 @@ def test_tp_partition_by_name_matches_layer_attributes():
     assert checked == 6 * (CFG.vision.layers + CFG.text.layers)  # qkv w/b, c_fc w/b, 2 row w
     plans = partition(CFG, 2)
     for plan in plans:
-        for name, param in ClipStage(CFG, plan).named_parameters():
+        for name, param in PipeStage(CFG, plan).named_parameters():
             assert tp_partition(f"{plan.index}.{name}") == partition_of(param), name
 
 

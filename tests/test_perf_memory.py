@@ -82,12 +82,10 @@ def test_stage_count_matches_the_real_modules():
     def count(*mods: nn.Module) -> int:
         return sum(p.numel() for m in mods for p in m.parameters())
 
-    first = count(
-        model.visual.embed, model.text.embed, *model.visual.blocks[:5], *model.text.blocks[:3]
-    )
-    last = count(
-        model.visual.head, model.text.head, *model.visual.blocks[5:], *model.text.blocks[3:]
-    )
+    vb, tb = list(model.visual.blocks.values()), list(model.text.blocks.values())
+
+    first = count(model.visual.embed, model.text.embed, *vb[:5], *tb[:3])
+    last = count(model.visual.head, model.text.head, *vb[5:], *tb[3:])
     last += model.logit_scale.numel()
     assert stage_param_count(cfg, 1, (0, 5), (0, 3), True, False) == first
     assert stage_param_count(cfg, 1, (5, 12), (3, 12), False, True) == last

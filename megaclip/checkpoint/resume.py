@@ -10,12 +10,10 @@ rotates old checkpoints. Every rank calls both functions (they contain collectiv
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -43,31 +41,9 @@ from megaclip.checkpoint.meta import (
 )
 from megaclip.checkpoint.reader import load_file, rank_state_file
 from megaclip.errors import CheckpointError
-from megaclip.parallel.runtime import accelerator
+from megaclip.parallel.runtime import rng_state, set_rng_state
 
 UNIVERSAL_SUBDIR = "universal"
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states: torch CPU, accelerator (if not CPU), python, numpy."""
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    acc = accelerator()
-    if acc.device_name() != "cpu":
-        state["accelerator"] = acc.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "accelerator" in state:
-        accelerator().set_rng_state(state["accelerator"])
 
 
 def optimizer_param_names(clip_engine) -> list[list[str]] | None:

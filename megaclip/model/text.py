@@ -1,13 +1,11 @@
-"""The text tower: a causal transformer pooled at the end-of-text token (open_clip's layout)."""
+"""Text-tower parts (open_clip's layout): token + position embedding, pooled head."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megaclip.config.model import TextConfig
-from megaclip.model.blocks import ResidualBlock, run_blocks
 
 
 class TextEmbed(nn.Module):
@@ -38,32 +36,3 @@ class TextHead(nn.Module):
     def forward(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, D]
         return self.ln_final(pooled) @ self.text_projection  # [B, E]
-
-
-class TextTower(nn.Module):
-    """tokens [B, L] -> unnormalised text embeddings [B, E]."""
-
-    def __init__(
-        self,
-        cfg: TextConfig,
-        embed_dim: int,
-        *,
-        act: str = "gelu",
-        eps: float = 1e-5,
-        tp_group: dist.ProcessGroup | None = None,
-    ) -> None:
-        super().__init__()
-        self.embed = TextEmbed(cfg)
-        self.blocks = nn.ModuleList(
-            ResidualBlock(
-                cfg.width, cfg.heads, cfg.mlp_dim, act=act, eps=eps, causal=True, tp_group=tp_group
-            )
-            for _ in range(cfg.layers)
-        )
-        self.head = TextHead(cfg, embed_dim, eps)
-        self.recompute = False
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)  # [B, L, D]
-        x = run_blocks(self.blocks, x, self.recompute)  # [B, L, D]
-        return self.head(x, eot_index(tokens))  # [B, E]

@@ -1,13 +1,11 @@
-"""The image tower: a ViT with a class token (open_clip's VisionTransformer architecture)."""
+"""Image-tower parts of the ViT (open_clip's VisionTransformer): patch embedding and head."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megaclip.config.model import VisionConfig
-from megaclip.model.blocks import ResidualBlock, run_blocks
 
 
 class PatchEmbed(nn.Module):
@@ -70,31 +68,3 @@ class VisionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, E]
         return self.ln_post(x[:, 0]) @ self.proj
-
-
-class VisionTower(nn.Module):
-    """images [B, C, H, W] -> unnormalised image embeddings [B, E]."""
-
-    def __init__(
-        self,
-        cfg: VisionConfig,
-        embed_dim: int,
-        *,
-        act: str = "gelu",
-        eps: float = 1e-5,
-        patch_dropout: float = 0.0,
-        tp_group: dist.ProcessGroup | None = None,
-    ) -> None:
-        super().__init__()
-        self.embed = VisionEmbed(cfg, eps, patch_dropout)
-        self.blocks = nn.ModuleList(
-            ResidualBlock(cfg.width, cfg.heads, cfg.mlp_dim, act=act, eps=eps, tp_group=tp_group)
-            for _ in range(cfg.layers)
-        )
-        self.head = VisionHead(cfg, embed_dim, eps)
-        self.recompute = False
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.embed(images)  # [B, S, D]
-        x = run_blocks(self.blocks, x, self.recompute)  # [B, S, D]
-        return self.head(x)  # [B, E]

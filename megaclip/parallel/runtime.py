@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import sys
 from datetime import timedelta
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,6 +28,28 @@ def device() -> torch.device:
     if acc.device_name() == "cpu":
         return torch.device("cpu")
     return torch.device(acc.device_name(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch CPU, accelerator (if not CPU), python, numpy."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    acc = accelerator()
+    if acc.device_name() != "cpu":
+        state["accelerator"] = acc.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "accelerator" in state:
+        accelerator().set_rng_state(state["accelerator"])
 
 
 def _free_port() -> int:

@@ -69,3 +69,24 @@ def full_shape(local: Sequence[int], dim: int | None, size: int) -> tuple[int, .
     if dim is not None and size > 1:
         shape[dim] *= size
     return tuple(shape)
+
+
+def shard_row_runs(
+    rows: tuple[int, int], full_rows: int, stride: int, rank: int, size: int
+) -> list[tuple[int, int, int]]:
+    """(local row, full row, count) runs of local rows [j0, j1) of a dim-0 :func:`shard`.
+
+    Rank r's shard holds the full tensor's row chunks r, r + size, ... (``stride`` of them, each
+    ``full_rows / (stride * size)`` rows long); this maps a range of its rows back to full rows.
+    """
+    j0, j1 = rows
+    if size == 1:
+        return [(j0, j0, j1 - j0)] if j1 > j0 else []
+    chunk = divide(full_rows, stride * size, f"a dimension of {full_rows} rows")
+    runs, j = [], j0
+    while j < j1:
+        piece, offset = divmod(j, chunk)
+        n = min(chunk - offset, j1 - j)
+        runs.append((j, (piece * size + rank) * chunk + offset, n))
+        j += n
+    return runs

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from megaclip.config.model import ClipConfig
 from megaclip.errors import ConfigError
+from megaclip.model.clip import Span
 from megaclip.model.flops import block_macs, vision_embed_macs
 
 
@@ -31,6 +32,11 @@ class StagePlan:
     @property
     def last(self) -> bool:
         return self.index == self.num_stages - 1
+
+    @property
+    def span(self) -> Span:
+        """The model span (megaclip.model.clip.Span) this stage builds."""
+        return Span(self.vision, self.text, self.first, self.last)
 
 
 def _block_costs(cfg: ClipConfig) -> tuple[int, int, int, int]:

@@ -1,4 +1,4 @@
-"""Pipeline stages that carry both towers, and their DeepSpeed ``PipelineModule``.
+"""Pipeline stages that carry both towers: megaclip.model's ClipStage plus inter-stage transport.
 
 Between stages the two streams travel as ONE packed float tensor per micro-batch (DeepSpeed
 allows only one grad-carrying tensor between stages with TP > 1) plus the int64 EOT positions:
@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from megaclip.config.model import ClipConfig
-from megaclip.model.blocks import ResidualBlock, run_blocks
-from megaclip.model.text import TextEmbed, TextHead, eot_index
-from megaclip.model.vision import VisionEmbed, VisionHead
+from megaclip.model.clip import ClipStage
 from megaclip.pipeline.partition import StagePlan
 
 
@@ -43,20 +39,8 @@ def unpack(packed: torch.Tensor, sv: int, dv: int, st: int, dt: int):
     return xv.view(-1, sv, dv), xt.view(-1, st, dt)
 
 
-class _Tower(nn.Module):
-    """Holds one tower's part on a stage: optional embed, blocks keyed by global index, head."""
-
-    def __init__(self, embed, blocks: dict[int, nn.Module], head) -> None:
-        super().__init__()
-        if embed is not None:
-            self.embed = embed
-        self.blocks = nn.ModuleDict({str(i): b for i, b in blocks.items()})
-        if head is not None:
-            self.head = head
-
-
-class ClipStage(nn.Module):
-    """One pipeline stage: vision blocks [a, b) and text blocks [c, d) (+ embeds / heads)."""
+class PipeStage(ClipStage):
+    """A :class:`ClipStage` with the pipeline's transport: packed stream in, packed stream out."""
 
     def __init__(
         self,
@@ -67,49 +51,23 @@ class ClipStage(nn.Module):
         patch_dropout: float = 0.0,
         recompute: bool = False,
     ) -> None:
-        super().__init__()
-        self.cfg, self.plan, self.recompute = cfg, plan, recompute
+        super().__init__(
+            cfg, plan.span, tp_group=tp_group, patch_dropout=patch_dropout, recompute=recompute
+        )
+        self.plan = plan
         self.sv = vision_tokens(cfg, patch_dropout)
-        eps, act = cfg.layer_norm_eps, cfg.activation
-        v, t = cfg.vision, cfg.text
-
-        def blocks(c, rng, causal):
-            return {
-                i: ResidualBlock(
-                    c.width, c.heads, c.mlp_dim, act=act, eps=eps, causal=causal, tp_group=tp_group
-                )
-                for i in range(*rng)
-            }
-
-        self.visual = _Tower(
-            VisionEmbed(v, eps, patch_dropout) if plan.first else None,
-            blocks(v, plan.vision, False),
-            VisionHead(v, cfg.embed_dim, eps) if plan.last else None,
-        )
-        self.text = _Tower(
-            TextEmbed(t) if plan.first else None,
-            blocks(t, plan.text, True),
-            TextHead(t, cfg.embed_dim, eps) if plan.last else None,
-        )
-        if plan.last:
-            self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]):
         v, t = self.cfg.vision, self.cfg.text
-        if self.plan.first:
-            images, tokens = inputs  # [B, C, H, W], [B, L] int
-            xv = self.visual.embed(images)  # [B, Sv, Dv]
-            xt = self.text.embed(tokens)  # [B, St, Dt]
-            eot = eot_index(tokens)  # [B] int
+        if self.span.first:
+            xv, xt, eot = self.embed(*inputs)  # images [B, C, H, W], tokens [B, L] int
         else:
             packed, eot = inputs  # [B, Sv*Dv + St*Dt], [B]
             xv, xt = unpack(packed, self.sv, v.width, t.context_length, t.width)
-        xv = run_blocks(self.visual.blocks.values(), xv, self.recompute)
-        xt = run_blocks(self.text.blocks.values(), xt, self.recompute)
-        if not self.plan.last:
+        xv, xt = self.run_vision(xv), self.run_text(xt)  # [B, Sv, Dv], [B, St, Dt]
+        if not self.span.last:
             return pack(xv, xt), eot
-        img = F.normalize(self.visual.head(xv), dim=-1)  # [B, E]
-        txt = F.normalize(self.text.head(xt, eot), dim=-1)  # [B, E]
+        img, txt = self.heads(xv, xt, eot)  # [B, E] x 2
         scale = self.logit_scale.expand(img.shape[0], 1)  # [B, 1]
         return torch.cat([img, txt, scale], dim=1)  # [B, 2E + 1]
 

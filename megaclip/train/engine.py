@@ -19,6 +19,7 @@ checkpointing for many micro-batches); PP > 1 runs the forward twice (about +1/3
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,13 +31,11 @@ from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.config.train import OptimConfig
 from megaclip.loss.contrastive import clip_loss
-from megaclip.model.clip import ClipModel
-from megaclip.model.init import init_parameters
 from megaclip.model.naming import strip_prefix
-from megaclip.parallel.runtime import accelerator, device
+from megaclip.parallel.runtime import accelerator, device, rng_state, set_rng_state
 from megaclip.parallel.topology import Topology
-from megaclip.pipeline.partition import partition
-from megaclip.pipeline.stages import ClipStage, cached_grad_loss, split_outputs
+from megaclip.pipeline.stages import cached_grad_loss, split_outputs
+from megaclip.train.build import build_module
 from megaclip.train.ds_config import resolve_ds_config
 from megaclip.train.optim import build_optimizer, lr_at, param_groups
 
@@ -113,36 +112,19 @@ class ClipEngine:
         self.cfg, self.par, self.topo, self.optim_cfg = model_cfg, par, topo, optim
         self.loss_chunk_size, self.loss_mode = loss_chunk_size, loss_mode
         self.ds_config = resolve_ds_config(ds_config, par, gradient_clipping=optim.grad_clip)
-        tp_group = topo.tp_group_or_none
-        recompute = par.activation_checkpointing
-        if par.pp == 1:
-            module = ClipModel(
-                model_cfg, tp_group=tp_group, patch_dropout=patch_dropout, recompute=recompute
-            )
-            self.plans = None
-        else:
-            from deepspeed.pipe import LayerSpec, PipelineModule
-
-            self.plans = partition(model_cfg, par.pp)
-            specs = [
-                LayerSpec(
-                    ClipStage,
-                    model_cfg,
-                    plan,
-                    tp_group=tp_group,
-                    patch_dropout=patch_dropout,
-                    recompute=recompute,
-                )
-                for plan in self.plans
-            ]
-            self.last_stage_loss = _LastStageLoss()
-            module = PipelineModule(
-                layers=specs,
-                topology=topo.ds_topology,
-                loss_fn=self.last_stage_loss,
-                partition_method="uniform",
-            )
-        init_parameters(module, model_cfg, seed, tp_group)
+        last_stage_loss = _LastStageLoss() if par.pp > 1 else None
+        built = build_module(
+            model_cfg,
+            par,
+            topo,
+            self.ds_config,
+            seed=seed,
+            patch_dropout=patch_dropout,
+            loss_fn=last_stage_loss,
+        )
+        module, self.plans = built.module, built.plans
+        if last_stage_loss is not None:
+            self.last_stage_loss = last_stage_loss
         if lock is not None:
             lock_tower(module, lock)
         optimizer = build_optimizer(
@@ -165,6 +147,7 @@ class ClipEngine:
         self.device = device()
         self.step_count = 0
         self.pipeline_schedule = par.pipeline_schedule
+        self._recompute_features = par.pp == 1 and par.zero_stage == 3
         if par.pp > 1 and par.pipeline_schedule == "global":
             from megaclip.pipeline.engine import enable_global_loss
 
@@ -259,16 +242,29 @@ class ClipEngine:
         )
 
     def _step_plain(self, batches: list[MicroBatch]):
+        """PP = 1: features, the global loss once, then each micro-batch's surrogate backward.
+
+        Keeping graphs: the first forwards keep their graphs for the backwards. Recomputing (the
+        two-pass schedule, and always under ZeRO-3 with accumulation: its parameter fetching
+        needs each backward right after its forward): the first pass runs without graphs and
+        each micro-batch is run again, with the same random numbers, right before its backward.
+        """
         engine, accum = self.engine, len(batches)
         engine.train()
-        outs = [engine(images, tokens) for images, tokens in batches]  # graphs kept
+        recompute = self._recompute_features and accum > 1
+        rng = rng_state() if recompute else None
+        with torch.no_grad() if recompute else contextlib.nullcontext():
+            outs = [engine(images, tokens) for images, tokens in batches]
         img = torch.cat([o[0] for o in outs])  # [accum * b, E]
         txt = torch.cat([o[1] for o in outs])
         scale = outs[0][2]
         out, g_img, g_txt, g_scale = self._global_loss(img, txt, scale)
         t_feat = time.perf_counter()
+        if recompute:
+            set_rng_state(rng)  # the second forwards replay the same patch dropout
         b = batches[0][0].shape[0]
-        for k, (i_k, t_k, s_k) in enumerate(outs):
+        for k, (images, tokens) in enumerate(batches):
+            i_k, t_k, s_k = engine(images, tokens) if recompute else outs[k]
             rows = slice(k * b, (k + 1) * b)
             surrogate = (i_k * g_img[rows].to(i_k.dtype)).sum()
             surrogate = surrogate + (t_k * g_txt[rows].to(t_k.dtype)).sum()
@@ -322,7 +318,7 @@ class ClipEngine:
         b = batches[0][0].shape[0]
         last = self.topo.is_last_stage
         dummy = torch.zeros(b, 2 * e + 1, device=self.device)
-        rng = torch.get_rng_state()
+        rng = rng_state()
         loss_fn = self.last_stage_loss
         loss_fn.collected, loss_fn.detach = [], True
         try:
@@ -332,7 +328,7 @@ class ClipEngine:
             feats = loss_fn.collected
         finally:
             loss_fn.collected = None
-        torch.set_rng_state(rng)  # the second forward replays the same random patch dropout
+        set_rng_state(rng)  # the second forward replays the same random patch dropout
         cached = [dummy] * accum
         metrics = torch.zeros(4, dtype=torch.float64)
         if last:

@@ -12,8 +12,12 @@ _NO_DECAY_NAMES = ("embedding", "class_embedding", "logit_scale", "logit_bias")
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Gains, biases, embeddings and the temperature get no weight decay (as in open_clip)."""
-    return param.ndim < 2 or any(key in name for key in _NO_DECAY_NAMES)
+    """Gains, biases, embeddings and the temperature get no weight decay (as in open_clip).
+
+    ZeRO-3 parameters are judged by their full shape (``ds_shape``), not their empty storage.
+    """
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim < 2 or any(key in name for key in _NO_DECAY_NAMES)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
