@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from megaclip.checkpoint.atomic import read_latest
-from megaclip.checkpoint.export import import_open_clip, load_open_clip_file
+from megaclip.checkpoint.export import import_open_clip
 from megaclip.checkpoint.openclip import from_open_clip, open_clip_model
+from megaclip.checkpoint.openclip_io import load_open_clip_file
 from megaclip.checkpoint.reader import read_checkpoint
 from megaclip.cli.main import main as cli
 from megaclip.config.model import load_preset, model_from_dict

@@ -10,11 +10,7 @@ import pytest
 import torch
 
 from megaclip.checkpoint.atomic import read_latest
-from megaclip.checkpoint.export import (
-    import_open_clip,
-    load_open_clip_file,
-    save_open_clip_file,
-)
+from megaclip.checkpoint.export import import_open_clip
 from megaclip.checkpoint.layout import parse_tag, step_tag, tp_partition
 from megaclip.checkpoint.meta import (
     CheckpointMeta,
@@ -24,6 +20,7 @@ from megaclip.checkpoint.meta import (
     verify_files,
 )
 from megaclip.checkpoint.openclip import open_clip_model, to_open_clip
+from megaclip.checkpoint.openclip_io import load_open_clip_file, save_open_clip_file
 from megaclip.checkpoint.universal import _zero3_piece, read_universal_meta
 from megaclip.cli.main import main as cli
 from megaclip.config.model import load_preset

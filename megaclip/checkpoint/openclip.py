@@ -14,29 +14,42 @@ from megaclip.model.naming import from_open_clip_key, to_open_clip_key
 _IGNORED = ("attn_mask",)
 
 
+def open_clip_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """open_clip's shape of the megaclip parameter ``name`` (logit_scale is 0-dim there)."""
+    return () if to_open_clip_key(name) == "logit_scale" else tuple(shape)
+
+
+def open_clip_entry(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(open_clip key, value in open_clip's shape) of one full megaclip parameter."""
+    key = to_open_clip_key(name)
+    return key, value.reshape(()) if key == "logit_scale" else value
+
+
 def to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """open_clip state dict from a full megaclip one (logit_scale becomes 0-dim)."""
-    out = {}
-    for name, value in state.items():
-        key = to_open_clip_key(name)
-        out[key] = value.reshape(()) if key == "logit_scale" else value
-    return out
+    return dict(open_clip_entry(name, value) for name, value in state.items())
+
+
+def from_open_clip_key_checked(key: str) -> str | None:
+    """megaclip name of open_clip ``key``; None for buffers megaclip recomputes; else an error."""
+    if key in _IGNORED:
+        return None
+    try:
+        return from_open_clip_key(key)
+    except KeyError:
+        raise CheckpointError(
+            f"open_clip key '{key}' has no megaclip counterpart: only standard ViT CLIP "
+            "models (no attentional pooler, layer scale or custom text tower) can be imported"
+        ) from None
 
 
 def from_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full megaclip state dict (ClipModel names) from an open_clip one."""
     out = {}
     for key, value in state.items():
-        if key in _IGNORED:
-            continue
-        try:
-            name = from_open_clip_key(key)
-        except KeyError:
-            raise CheckpointError(
-                f"open_clip key '{key}' has no megaclip counterpart: only standard ViT CLIP "
-                "models (no attentional pooler, layer scale or custom text tower) can be imported"
-            ) from None
-        out[name] = value.reshape(1) if key == "logit_scale" else value
+        name = from_open_clip_key_checked(key)
+        if name is not None:
+            out[name] = value.reshape(1) if key == "logit_scale" else value
     return out
 
 

@@ -18,17 +18,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megaclip.checkpoint import mmap_io
 from megaclip.checkpoint.atomic import fsync_tree
 from megaclip.checkpoint.layout import canonical_name, tp_partition
 from megaclip.checkpoint.meta import check_same_model
-from megaclip.checkpoint.reader import MOMENTS, expected_shapes, load_file, read_checkpoint
+from megaclip.checkpoint.openclip_io import OpenClipFile
+from megaclip.checkpoint.reader import (
+    MASTER,
+    MOMENTS,
+    CheckpointReader,
+    expected_shapes,
+    load_file,
+)
 from megaclip.config.model import ClipConfig, model_from_dict
 from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError, ConfigError
@@ -41,42 +49,48 @@ PARAM_DIR = "params"
 STATE_FILE = "state.pt"
 
 Entry = dict[str, torch.Tensor]  # "fp32" (+ moments) -> full tensor
+# names -> (name, entry) for those names, in any order: where apply_full_state reads from
+Source = Callable[[list[str]], Iterator[tuple[str, Entry]]]
 
 
 def write_universal(
     out_dir: str | Path,
     cfg: ClipConfig,
-    params: Mapping[str, torch.Tensor],
-    moments: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    entries: Iterable[tuple[str, Entry]],
     *,
+    with_moments: bool = False,
     step: int = 0,
     adam_step: int | None = None,
     state: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a universal checkpoint (atomically: ``out_dir.tmp`` then rename); returns it."""
+    """Write a universal checkpoint from (name, {"fp32", moments...}) entries, one at a time.
+
+    Atomic: written to ``out_dir.tmp-<pid>`` and renamed. ``with_moments``: every entry holds
+    Adam's ``exp_avg`` / ``exp_avg_sq`` too (frozen parameters: zeros).
+    """
     out = Path(out_dir)
     if out.exists():
         raise CheckpointError(f"{out} already exists; choose another --out or remove it")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / PARAM_DIR).mkdir(parents=True)
-    moments = moments or {}
-    with_moments = bool(moments) and all(moments.get(k) for k in MOMENTS)
-    for name, value in params.items():
-        entry = {"fp32": value.detach().float().clone()}
+    shapes: dict[str, list[int]] = {}
+    for name, entry in entries:
+        record = {"fp32": entry["fp32"].detach().float().contiguous()}
         if with_moments:
-            for key in MOMENTS:  # frozen parameters have no moments: zeros
-                value_m = moments[key].get(name)
-                entry[key] = (
-                    torch.zeros_like(entry["fp32"])
-                    if value_m is None
-                    else value_m.detach().float().clone()
+            for key in MOMENTS:
+                value = entry.get(key)
+                record[key] = (
+                    torch.zeros_like(record["fp32"])
+                    if value is None
+                    else value.detach().float().contiguous()
                 )
-        torch.save(entry, tmp / PARAM_DIR / f"{name}.pt")
+        torch.save(record, tmp / PARAM_DIR / f"{name}.pt")
+        shapes[name] = list(record["fp32"].shape)
     if state is not None:
         torch.save(state, tmp / STATE_FILE)
-    record = {
+    meta = {
         "format": UNIVERSAL_FORMAT,
         "version": 1,
         "model": to_dict(cfg),
@@ -84,9 +98,9 @@ def write_universal(
         "adam_step": adam_step,
         "has_optimizer": with_moments,
         "source": source or {},
-        "params": {name: list(value.shape) for name, value in params.items()},
+        "params": shapes,
     }
-    (tmp / UNIVERSAL_META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    (tmp / UNIVERSAL_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     fsync_tree(tmp)
     os.rename(tmp, out)
     return out
@@ -117,34 +131,41 @@ def universal_model_config(record: dict[str, Any], where: str) -> ClipConfig:
 
 
 def convert_to_universal(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Offline: a DeepSpeed checkpoint of any layout -> universal (fp32 masters + Adam moments)."""
-    full = read_checkpoint(ckpt, fp32_master=True, optimizer=True)
-    state = {
-        "lr_scheduler": full.lr_scheduler,
-        "engine": full.engine_state,
-        "client_states": full.client_states,
-    }
+    """Offline: a DeepSpeed checkpoint of any layout -> universal (fp32 masters + Adam moments).
+
+    Streams one parameter at a time from the memory-mapped shards.
+    """
+    reader = CheckpointReader(ckpt, fp32_master=True)
+    extra = reader.training_state()
     return write_universal(
         out_dir,
-        full.meta.model_config,
-        full.params,
-        full.moments,
-        step=full.meta.step,
-        adam_step=full.adam_step,
-        state=state,
-        source={"parallel": full.meta.parallel, "checkpoint": str(ckpt)},
+        reader.cfg,
+        reader.entries((MASTER, *MOMENTS)),
+        with_moments=True,
+        step=reader.meta.step,
+        adam_step=reader.adam_step(),
+        state={
+            "lr_scheduler": extra["lr_scheduler"],
+            "engine": extra["engine"],
+            "client_states": extra["client_states"],
+        },
+        source={"parallel": reader.meta.parallel, "checkpoint": str(ckpt)},
     )
 
 
-def _fetcher(path: Path, keys: tuple[str, ...]) -> Callable[[str], Entry]:
-    def fetch(name: str) -> Entry:
-        entry = load_file(path / PARAM_DIR / f"{name}.pt")
-        missing = [k for k in keys if k not in entry]
-        if missing:
-            raise CheckpointError(f"{path / PARAM_DIR / name}.pt lacks '{missing[0]}'")
-        return entry
+def _universal_source(path: Path, keys: tuple[str, ...]) -> Source:
+    """Entries of a universal directory: one memory-mapped file per parameter, copied out."""
 
-    return fetch
+    def entries(names: list[str]) -> Iterator[tuple[str, Entry]]:
+        for name in names:
+            file = path / PARAM_DIR / f"{name}.pt"
+            entry = mmap_io.load(file)
+            missing = [k for k in keys if k not in entry]
+            if missing:
+                raise CheckpointError(f"{file} lacks '{missing[0]}'")
+            yield name, {k: mmap_io.detached(entry[k]) for k in keys}
+
+    return entries
 
 
 def load_universal(clip_engine, path: str | Path, *, weights_only: bool = False) -> dict[str, Any]:
@@ -159,7 +180,10 @@ def load_universal(clip_engine, path: str | Path, *, weights_only: bool = False)
     with_opt = not weights_only and record.get("has_optimizer", False)
     keys = ("fp32", *MOMENTS) if with_opt else ("fp32",)
     apply_full_state(
-        clip_engine, _fetcher(path, keys), moments=with_opt, adam_step=record.get("adam_step")
+        clip_engine,
+        _universal_source(path, keys),
+        moments=with_opt,
+        adam_step=record.get("adam_step"),
     )
     if weights_only:
         return {}
@@ -184,28 +208,28 @@ def initialize_from(clip_engine, path: str | Path) -> None:
     DeepSpeed checkpoint (root or step directory, any layout; fp32 masters), or an open_clip
     file (.pt / .bin / .safetensors, bare or wrapped). Optimizer state stays fresh. Collective.
     """
-    from megaclip.checkpoint.export import load_open_clip_file
-    from megaclip.checkpoint.openclip import from_open_clip
-
     path = Path(path)
     if path.is_dir() and (path / UNIVERSAL_META).is_file():
         load_universal(clip_engine, path, weights_only=True)
         return
     if path.is_dir():
-        full = read_checkpoint(path, fp32_master=True)
-        check_same_model(full.meta.model, clip_engine.cfg, str(path))
-        params = full.params
-    else:
-        model_cfg, oc_state = load_open_clip_file(path)
-        if model_cfg is not None:
-            check_same_model(model_cfg, clip_engine.cfg, str(path))
-        params = from_open_clip(oc_state)
-        check_shapes(params, clip_engine.cfg, str(path))
-    apply_full_state(clip_engine, lambda name: {"fp32": params[name]}, moments=False)
+        reader = CheckpointReader(path, fp32_master=True)
+        check_same_model(reader.meta.model, clip_engine.cfg, str(path))
+        apply_full_state(clip_engine, lambda names: reader.entries(names=names), moments=False)
+        return
+    with OpenClipFile(path) as src:
+        if src.model_config is not None:
+            check_same_model(src.model_config, clip_engine.cfg, str(path))
+        check_shapes(src.shapes(), clip_engine.cfg, str(path))
+        apply_full_state(
+            clip_engine, lambda names: ((n, {MASTER: src.get(n)}) for n in names), moments=False
+        )
 
 
-def check_shapes(params: Mapping[str, torch.Tensor], cfg: ClipConfig, where: str) -> None:
-    """CheckpointError unless ``params`` has exactly the parameters and shapes of ``cfg``."""
+def check_shapes(
+    params: Mapping[str, torch.Tensor | torch.Size], cfg: ClipConfig, where: str
+) -> None:
+    """CheckpointError unless ``params`` (tensors or shapes) match ``cfg``'s parameters."""
     want = expected_shapes(cfg)
     missing = sorted(set(want) - set(params))
     if missing:
@@ -214,7 +238,8 @@ def check_shapes(params: Mapping[str, torch.Tensor], cfg: ClipConfig, where: str
             f"({len(missing)} missing): is it a checkpoint of another architecture?"
         )
     for name, shape in want.items():
-        got = tuple(params[name].shape)
+        value = params[name]
+        got = tuple(value if isinstance(value, torch.Size) else value.shape)
         if got != tuple(shape):
             raise CheckpointError(
                 f"{where}: {name} has shape {got} but model '{cfg.name}' needs {tuple(shape)}; "
@@ -260,18 +285,20 @@ def _zero3_piece(full: torch.Tensor, rank: int, part: int) -> torch.Tensor:
 @torch.no_grad()
 def apply_full_state(
     clip_engine,
-    fetch: Callable[[str], Entry],
+    source: Source,
     *,
     moments: bool,
     adam_step: int | None = None,
 ) -> None:
-    """Write full tensors ``fetch(ClipModel name)`` into this rank's weights (+ Adam state).
+    """Write the full tensors ``source(names)`` yields into this rank's weights (+ Adam state).
+
+    Only the names of this rank's own parameters (its pipeline stage) are asked for, and one
+    full tensor at a time is held.
 
     For each parameter: local = shard(full, dim, stride, tp_rank, tp); written to the module
     (training dtype), to the fp32 master (ZeRO-1/2, bf16: ``_hp_mapping`` fragment; ZeRO-3:
     this rank's partition) and, with ``moments``, to exp_avg / exp_avg_sq of the same fragment.
     """
-    import deepspeed
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
     engine = clip_engine.engine
@@ -286,15 +313,15 @@ def apply_full_state(
         for flat in flats:
             _ensure_state(base, flat, step)
     masters = _fp32_copies(engine.optimizer)
-    for name, param in engine.module.named_parameters():
-        canon = canonical_name(name)
+    mine = {canonical_name(n): (n, p) for n, p in engine.module.named_parameters()}
+    for canon, entry in source(list(mine)):
+        name, param = mine.pop(canon)
         dim, stride = partition_of(param)
         if (dim, stride) != tp_partition(name):
             raise CheckpointError(
                 f"internal: partition rule of {name} is {tp_partition(name)}, the layer says "
                 f"{(dim, stride)}"
             )
-        entry = fetch(canon)
         local = {
             k: (v if dim is None else shard(v, dim, stride, tp_rank, tp)).float()
             for k, v in entry.items()
@@ -305,13 +332,15 @@ def apply_full_state(
                 f"parameter {canon}: TP shard of shape {tuple(local['fp32'].shape)} does not fit "
                 f"this rank's {want}"
             )
-        if hasattr(param, "ds_id"):  # ZeRO-3: partitioned module weight and master
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                param.data.copy_(local["fp32"].to(param.device, param.dtype))
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of weight and master
+            part = param.ds_tensor.numel()
+            rank = clip_engine.topo.coords.dp
+            piece = _zero3_piece(local["fp32"], rank, part)
+            param.ds_tensor.data.copy_(piece.to(param.ds_tensor.device, param.ds_tensor.dtype))
+            if param.data.numel() == param.ds_numel:  # currently gathered (persistent)
+                param.data.copy_(local["fp32"].to(param.device, param.dtype).view_as(param.data))
             if param.requires_grad:
-                part = param.ds_tensor.numel()
-                rank = clip_engine.topo.coords.dp
-                safe_set_local_fp32_param(param, _zero3_piece(local["fp32"], rank, part))
+                safe_set_local_fp32_param(param, piece)
                 if moments:
                     for key in MOMENTS:
                         piece = _zero3_piece(local[key], rank, part)
@@ -339,5 +368,7 @@ def apply_full_state(
             state = base.state[param]  # plain optimizer over the module's own parameters
             for key in MOMENTS:
                 state[key].copy_(local[key].to(param.device).view_as(param))
+    if mine:
+        raise CheckpointError(f"the checkpoint holds no value for parameter {sorted(mine)[0]}")
     if dist.is_initialized():
         dist.barrier()
