@@ -9,14 +9,16 @@ rotates old checkpoints. Every rank calls both functions (they contain collectiv
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megaclip.checkpoint import mmap_io
 from megaclip.checkpoint.atomic import (
     TMP_PREFIX,
     commit,
@@ -184,12 +186,14 @@ def load_checkpoint(clip_engine, ckpt_dir: str | Path) -> dict[str, Any]:
     if layout_key(meta.parallel) != layout_key(clip_engine.par):
         return _load_resharded(clip_engine, ckpt_dir)
     try:
-        path, _ = clip_engine.engine.load_checkpoint(
-            str(ckpt_dir.parent),
-            tag=ckpt_dir.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        with _mapped_loads(clip_engine.engine) as loaded:
+            path, _ = clip_engine.engine.load_checkpoint(
+                str(ckpt_dir.parent),
+                tag=ckpt_dir.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+            _own_optimizer_state(clip_engine.engine, loaded)
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir}: {err}") from None
     if path is None:
@@ -198,6 +202,56 @@ def load_checkpoint(clip_engine, ckpt_dir: str | Path) -> dict[str, Any]:
     set_rng_state(rank_state["rng"])
     clip_engine.step_count = meta.step
     return rank_state["client_state"]
+
+
+@contextlib.contextmanager
+def _mapped_loads(engine) -> Iterator[list[Any]]:
+    """DeepSpeed's loads inside go through memory maps (no full copy of any file in memory).
+
+    Yields the list of loaded objects; their pages are given back on exit. DeepSpeed copies the
+    weights and fp32 partitions out of them; Adam's moments it adopts as they are (see
+    :func:`_own_optimizer_state`).
+    """
+    ce = engine.checkpoint_engine
+    loaded: list[Any] = []
+
+    def load(path: str, map_location=None) -> Any:
+        obj = mmap_io.load(path)
+        loaded.append(obj)
+        return obj
+
+    ce.load = load  # an instance attribute shadows the class's method
+    try:
+        yield loaded
+    finally:
+        del ce.load
+        for obj in loaded:
+            mmap_io.release_all(obj)
+        loaded.clear()
+
+
+def _own_optimizer_state(engine, loaded: list[Any]) -> None:
+    """Copy optimizer-state tensors that still live in a loaded file's map into own memory."""
+    ranges = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for obj in loaded
+        for t in mmap_io.tensors(obj)
+        if t.device.type == "cpu" and t.numel()
+    )
+    if not ranges:
+        return
+
+    def mapped(t: torch.Tensor) -> bool:
+        p = t.data_ptr()
+        return any(a <= p < b for a, b in ranges)
+
+    opt = engine.optimizer
+    bases = {id(o): o for o in (opt, getattr(opt, "optimizer", None)) if o is not None}
+    for base in bases.values():
+        for state in getattr(base, "state", {}).values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.device.type == "cpu" and mapped(value):
+                    state[key] = mmap_io.detached(value)
 
 
 def _load_resharded(clip_engine, ckpt_dir: Path) -> dict[str, Any]:

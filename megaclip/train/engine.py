@@ -340,6 +340,44 @@ class ClipEngine:
         dist.broadcast(metrics, src=src, group=self.topo.pp_group)
         return metrics, t_feat
 
+    # ---------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def features(self, batches: Sequence[MicroBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Image and text features [b, E] x 2 (eval mode, no graphs) of each micro-batch.
+
+        Runs the training engine itself (ZeRO-3 fetches, pipeline stages), so nothing is
+        gathered. Collective over the layout; under PP > 1 at most ``grad_accum_steps``
+        micro-batches per call, and the features exist on the last stage only (an empty list
+        elsewhere).
+        """
+        engine = self.engine
+        batches = [(i.to(self.device), t.to(self.device)) for i, t in batches]
+        was_training = engine.module.training
+        try:
+            if self.par.pp == 1:
+                engine.eval()
+                return [engine(images, tokens)[:2] for images, tokens in batches]
+            if len(batches) > self.par.grad_accum_steps:
+                raise ValueError(f"at most {self.par.grad_accum_steps} micro-batches per call")
+            b, e = batches[0][0].shape[0], self.cfg.embed_dim
+            dummy = torch.zeros(b, 2 * e + 1, device=self.device)
+            loss_fn = self.last_stage_loss
+            loss_fn.collected, loss_fn.detach = [], True
+            try:
+                engine.eval_batch(
+                    iter([(mb, dummy) for mb in batches]),
+                    reduce_output=None,
+                    bcast_loss=False,
+                    num_micro_batches=len(batches),
+                )
+                outs = loss_fn.collected
+            finally:
+                loss_fn.collected = None
+            return [split_outputs(o, e)[:2] for o in outs]
+        finally:
+            engine.module.train(was_training)
+
     # ---------------------------------------------------------------- checkpoints
 
     def save(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -12,14 +11,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import yaml
 
+from megaclip.checkpoint.atomic import read_latest
 from megaclip.config.train import RunConfig, ZeroShotSection, run_config_to_dict
 from megaclip.errors import ConfigError, NumericalError
 from megaclip.model.flops import model_cost
-from megaclip.parallel.runtime import device, init_distributed
+from megaclip.parallel.runtime import init_distributed
 from megaclip.parallel.topology import Topology
 from megaclip.train.ds_config import load_ds_config, resolve_ds_config
 from megaclip.train.engine import ClipEngine, StepResult
@@ -34,6 +33,7 @@ from megaclip.train.faults import (  # reliability: see docs/reliability.md
     exit_with_launcher,
     skip_record,
 )
+from megaclip.train.memlog import PhaseLog
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 
 
@@ -174,33 +174,42 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
         print("resolved config:\n" + text, flush=True)
     o, t = cfg.optim, cfg.train
     lock = "image" if t.lock_image else "text" if t.lock_text else None
-    engine = ClipEngine(
-        cfg.model,
-        par,
-        topo,
-        ds,
-        dataclasses.replace(o, total_steps=o.total_steps or t.steps),
-        seed=t.seed,
-        patch_dropout=t.patch_dropout,
-        loss_chunk_size=t.loss_chunk_size,
-        loss_mode=t.loss_mode,
-        lock=lock,
-    )
+    memory = PhaseLog()
+    with memory.phase("build"):
+        engine = ClipEngine(
+            cfg.model,
+            par,
+            topo,
+            ds,
+            dataclasses.replace(o, total_steps=o.total_steps or t.steps),
+            seed=t.seed,
+            patch_dropout=t.patch_dropout,
+            loss_chunk_size=t.loss_chunk_size,
+            loss_mode=t.loss_mode,
+            lock=lock,
+        )
     # -- reliability (megaclip/train/faults.py): a lost or silent peer ends the run in one line
     with TrainingGuard(engine, out / "checkpoints", timeout_s=cfg.train.dist_timeout_s) as guard:
-        return _train_steps(cfg, engine, topo, tokenizer, world, guard)
+        return _train_steps(cfg, engine, topo, tokenizer, world, guard, memory)
 
 
 def _train_steps(
-    cfg: RunConfig, engine: ClipEngine, topo: Topology, tokenizer, world: int, guard: TrainingGuard
+    cfg: RunConfig,
+    engine: ClipEngine,
+    topo: Topology,
+    tokenizer,
+    world: int,
+    guard: TrainingGuard,
+    memory: PhaseLog,
 ) -> dict | None:
     """Resume, run the steps, finish (every rank); the final summary on rank 0."""
     par, t, out = cfg.parallel, cfg.train, Path(cfg.train.out_dir)
     is_main = dist.get_rank() == 0
     tally = SkipTally() if cfg.data.kind == "webdataset" else None
     # -- end of the reliability wrapper
-    hooks = TrainHooks(cfg, engine, tokenizer)
-    start = hooks.resume()
+    hooks = TrainHooks(cfg, engine, tokenizer, memory)
+    with memory.phase("resume"):
+        start = hooks.resume()
     stream = micro_batch_stream(cfg, topo, tokenizer, tally)
     hooks.skip_data(stream, start)
     flops_per_sample = model_cost(cfg.model).train_flops
@@ -223,7 +232,8 @@ def _train_steps(
         batches = [next(stream) for _ in range(par.grad_accum_steps)]
         fingerprint = batch_fingerprint(batches[0])  # reliability: data-stream check (soak)
         guard.step_begins()  # reliability: the watchdog's clock
-        last = engine.train_step(batches)
+        with memory.phase("steps"):
+            last = engine.train_step(batches)
         samples_window += last.samples
         bad_run = bad_run + 1 if (last.skipped or not math.isfinite(last.loss)) else 0
         if bad_run:
@@ -272,6 +282,8 @@ def _train_steps(
     summary = hooks.finish(last, writer, progress)
     if writer is not None:
         writer.close()
+    coords = {k: getattr(topo.coords, k) for k in ("pp", "dp", "tp")}
+    memory.write(out, dist.get_rank(), coords)
     return summary
 
 
@@ -290,31 +302,11 @@ def check_zeroshot_inputs(zs: ZeroShotSection) -> None:
         resolve_shards(zs.data)
 
 
-def run_zeroshot(model, tokenizer, zs: ZeroShotSection, model_cfg, batch_size: int = 256) -> dict:
-    """Zero-shot top-1/top-5 of ``model`` on ``zs.data`` (at most ``zs.max_samples`` images)."""
-    from megaclip.eval.data import labeled_loader
-    from megaclip.eval.zeroshot import (
-        build_classifier,
-        read_classnames,
-        read_templates,
-        zeroshot_eval,
-    )
-
-    dev = device()
-    classnames = read_classnames(zs.classnames)
-    weights = build_classifier(model, tokenizer, classnames, read_templates(zs.templates), dev)
-    loader = labeled_loader(zs.data, classnames, model_cfg.vision.image_size, batch_size)
-    if zs.max_samples:
-        loader = itertools.islice(loader, math.ceil(zs.max_samples / batch_size))
-    with torch.no_grad():
-        return zeroshot_eval(model, weights, loader, dev)
-
-
 class TrainHooks:
     """Periodic work around the step: zero-shot eval, checkpoints, final export."""
 
-    def __init__(self, cfg: RunConfig, engine: ClipEngine, tokenizer) -> None:
-        self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
+    def __init__(self, cfg: RunConfig, engine: ClipEngine, tokenizer, memory: PhaseLog) -> None:
+        self.cfg, self.engine, self.tokenizer, self.memory = cfg, engine, tokenizer, memory
         self.out = Path(cfg.train.out_dir)
         self.zeroshot_history: list[dict] = []
         self.stopped_early = False
@@ -345,9 +337,10 @@ class TrainHooks:
 
     # periodic -----------------------------------------------------------------
     def save(self, step: int, progress) -> None:
-        path = self.engine.save(
-            str(self.ckpt_dir), {"next_step": step}, keep_last=self.cfg.train.keep_last
-        )
+        with self.memory.phase("save"):
+            path = self.engine.save(
+                str(self.ckpt_dir), {"next_step": step}, keep_last=self.cfg.train.keep_last
+            )
         if dist.get_rank() == 0:
             progress.write(f"step {step:>6}  saved {path}")
 
@@ -360,31 +353,32 @@ class TrainHooks:
             self.zeroshot(step, writer, progress)
 
     def zeroshot(self, step: int, writer, progress) -> dict | None:
-        from megaclip.train.export import gather_open_clip_state, model_from_open_clip_state
+        """Zero-shot accuracy through the training engine itself (collective)."""
+        from megaclip.train.zeroshot import engine_zeroshot
 
-        state = gather_open_clip_state(self.engine)
-        result = None
+        with self.memory.phase("zeroshot"):
+            result = engine_zeroshot(self.engine, self.tokenizer, self.cfg.zeroshot)
         if dist.get_rank() == 0:
-            model = model_from_open_clip_state(self.cfg.model, state).to(device())
-            result = run_zeroshot(model, self.tokenizer, self.cfg.zeroshot, self.cfg.model)
             record = {"step": step, **{f"zeroshot_{k}": v for k, v in result.items()}}
             self.zeroshot_history.append(record)
             if writer is not None:
                 writer.write(record)
             progress.write(
                 f"step {step:>6}  zero-shot top-1 {result['top1']:.2%}  top-5 "
-                f"{result.get('top5', float('nan')):.2%}  ({result['n']} images)"
+                f"{result.get('top5') or float('nan'):.2%}  ({result['n']} images)"
             )
-        dist.barrier()
         return result
 
     def finish(self, last: StepResult | None, writer, progress) -> dict | None:
-        from megaclip.train.export import gather_open_clip_state
+        """Final checkpoint, zero-shot and export (collective); the summary on rank 0.
 
+        The export is converted from the final checkpoint by the streaming converter on rank 0,
+        one tensor at a time: no process ever holds the whole model next to its training state.
+        """
         final_zs = None
         t = self.cfg.train
         saved_now = bool(last and t.save_every and last.step % t.save_every == 0)
-        if last is not None and (self.stopped_early or t.save_every) and not saved_now:
+        if last is not None and not saved_now:
             self.save(last.step, progress)
         if self.stopped_early:
             if dist.get_rank() == 0:
@@ -392,13 +386,15 @@ class TrainHooks:
             return None
         if self.cfg.zeroshot.data:
             final_zs = self.zeroshot(self.cfg.train.steps, writer, progress)
-        state = gather_open_clip_state(self.engine)
+        export = self.out / "final_open_clip.pt"
+        with self.memory.phase("export"):
+            if dist.get_rank() == 0 and read_latest(self.ckpt_dir) is not None:
+                from megaclip.checkpoint.export import export_open_clip
+
+                export_open_clip(self.ckpt_dir, export, fp32_master=True)
+            dist.barrier()
         if dist.get_rank() != 0:
             return None
-        from megaclip.config.schema import to_dict
-
-        export = self.out / "final_open_clip.pt"
-        torch.save({"model_config": to_dict(self.cfg.model), "state_dict": state}, export)
         summary = {
             "steps": last.step if last else 0,
             "final_loss": last.loss if last else None,
