@@ -78,12 +78,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibrate", action="store_true", help="show the model against the published runs"
     )
+    p.add_argument(
+        "--run", metavar="RUN_DIR", help="a `megaclip train` out_dir: measured memory vs predicted"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         return _calibrate(args.json)
+    if args.run:
+        return _run_memory(args.run, args.json)
     missing = [f"--{n}" for n in ("model", "gpus", "gpu") if getattr(args, n) is None]
     if missing:
         raise ConfigError(f"plan needs {', '.join(missing)} (or --calibrate)")
@@ -217,6 +222,30 @@ def _write_out(result: PlanResult, out: Path, train_config: str, top: int) -> li
     plan_path = out / "plan.json"
     plan_path.write_text(json.dumps(_as_json(result, top), indent=2) + "\n")
     return [ds_path, launch, plan_path]
+
+
+def _run_memory(run_dir: str, as_json: bool) -> int:
+    from megaclip.train.memlog import run_memory_report
+
+    report = run_memory_report(run_dir)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model']} in {report['run']} ({report['measure']}, GiB per rank)")
+    phases = list(report["ranks"][0]["phases"])
+    print(f"{'rank':>4} " + " ".join(f"{p:>9}" for p in phases) + "  measured predicted ratio")
+    for r in report["ranks"]:
+        cells = " ".join(f"{r['phases'].get(p, float('nan')):>9.2f}" for p in phases)
+        print(
+            f"{r['rank']:>4} {cells}  {r['measured_gib']:>8.2f} {r['predicted_gib']:>9.2f} "
+            f"{r['ratio']:>5.2f}"
+        )
+    parts = report["ranks"][0]["predicted_parts_gib"]
+    print(
+        "predicted, rank 0: "
+        + ", ".join(f"{k.removesuffix('_gib')} {v:.2f}" for k, v in parts.items())
+    )
+    return 0
 
 
 def _calibrate(as_json: bool) -> int:

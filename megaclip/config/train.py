@@ -90,6 +90,8 @@ class TrainSection:
     loss_mode: Literal["allgather", "stream"] = "allgather"
     tensorboard: bool = True
     dist_timeout_s: float = 600.0
+    # refuse a layout the planner predicts will not fit this node (megaclip/train/preflight.py)
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -501,11 +501,17 @@ def stage_memory(
     *,
     grad_accum_fp32: bool = False,
     schedule: str = "gpipe",
+    buckets: dict[str, object] | None = None,
 ) -> StageMemory:
-    """Peak memory breakdown of one rank of stage number ``index`` under layout ``par``."""
+    """Peak memory breakdown of one rank of stage number ``index`` under layout ``par``.
+
+    ``buckets``: DeepSpeed bucket settings for :func:`model_state_bytes` (planner's defaults).
+    """
     n = stage_params(cfg, par.tp, stage)
     live = _zero3_live(cfg, par.tp) if par.zero_stage == 3 else 0
-    states = model_state_bytes(n, par, grad_accum_fp32=grad_accum_fp32, zero3_live_params=live)
+    states = model_state_bytes(
+        n, par, grad_accum_fp32=grad_accum_fp32, zero3_live_params=live, **(buckets or {})
+    )
     acts = stage_activation_bytes(cfg, par, stage, alive_micro_batches(par, index, schedule))
     loss = loss_bytes(cfg, par) if stage.last else 0.0
     return StageMemory(
@@ -529,13 +535,16 @@ def layout_memory(
     *,
     grad_accum_fp32: bool = False,
     schedule: str = "gpipe",
+    buckets: dict[str, object] | None = None,
 ) -> tuple[StageMemory, ...]:
     """Per-stage memory of a layout (stages default to :func:`default_stages`)."""
     stages = default_stages(cfg, par.pp) if stages is None else stages
     if len(stages) != par.pp:
         raise ConfigError(f"got {len(stages)} stage ranges for pp={par.pp}")
     return tuple(
-        stage_memory(cfg, par, s, i, grad_accum_fp32=grad_accum_fp32, schedule=schedule)
+        stage_memory(
+            cfg, par, s, i, grad_accum_fp32=grad_accum_fp32, schedule=schedule, buckets=buckets
+        )
         for i, s in enumerate(stages)
     )
 
@@ -545,3 +554,65 @@ def peak_memory(
 ) -> float:
     """Largest per-rank peak bytes over the pipeline stages."""
     return max(m.peak for m in layout_memory(cfg, par, stages))
+
+
+# ---------------------------------------------------------------- a run's ranks
+
+
+#: Resident bytes of a CPU rank before any model state: the interpreter, torch, DeepSpeed,
+#: megatron-core, gloo (measured: megaclip.train.memlog's "build" phase start on this machine).
+HOST_RUNTIME_BYTES = 0.74 * 2**30
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Predicted peak of one global rank: its stage's breakdown plus the process runtime."""
+
+    rank: int
+    stage: StageMemory
+    runtime: float
+
+    @property
+    def peak(self) -> float:
+        return self.stage.peak + self.runtime
+
+
+def schedule_of(par: ParallelConfig) -> str:
+    """The exact-loss schedule a layout trains with (ZeRO-3 with accumulation recomputes)."""
+    if par.pp == 1 and par.zero_stage == 3 and par.grad_accum_steps > 1:
+        return "gradcache"
+    if par.pp > 1 and par.pipeline_schedule == "gradcache":
+        return "gradcache"
+    return "gpipe"
+
+
+def ds_buckets(ds: dict[str, object] | None) -> dict[str, object]:
+    """:func:`model_state_bytes` bucket settings of a DeepSpeed config (None: the planner's)."""
+    if ds is None:
+        return {}
+    zero = ds.get("zero_optimization") or {}
+    assert isinstance(zero, dict)
+    stage = zero.get("stage", 0)
+    return {
+        "reduce_bucket_elems": int(zero.get("reduce_bucket_size", DEEPSPEED_DEFAULT_BUCKET_ELEMS)),
+        "allgather_bucket_elems": int(
+            zero.get("allgather_bucket_size", DEEPSPEED_DEFAULT_BUCKET_ELEMS)
+        ),
+        "overlap_comm": bool(zero.get("overlap_comm", stage == 3)),  # DeepSpeed 0.19.8's default
+    }
+
+
+def rank_peaks(
+    cfg: ClipConfig, par: ParallelConfig, *, host: bool, ds: dict[str, object] | None = None
+) -> list[RankMemory]:
+    """Predicted peak memory of every global rank of a run (``host``: a CPU rank's RSS).
+
+    ``ds``: the run's resolved DeepSpeed config (its bucket sizes); None: the planner's.
+    """
+    mem = layout_memory(cfg, par, schedule=schedule_of(par), buckets=ds_buckets(ds))
+    runtime = HOST_RUNTIME_BYTES if host else 0.0
+    out = []
+    for rank in range(par.world_size):
+        stage = rank // (par.tp * par.dp)  # rank order: TP fastest, then DP, then PP
+        out.append(RankMemory(rank, mem[stage], runtime))
+    return out

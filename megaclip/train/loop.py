@@ -35,6 +35,7 @@ from megaclip.train.faults import (  # reliability: see docs/reliability.md
 )
 from megaclip.train.memlog import PhaseLog
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
+from megaclip.train.preflight import check_memory
 
 
 def micro_batch_stream(
@@ -149,8 +150,10 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     if "activation_checkpointing" in ds and not par.activation_checkpointing:
         par = dataclasses.replace(par, activation_checkpointing=True)
     par.check_world(int(os.environ.get("WORLD_SIZE", "1")))
-    resolve_ds_config(ds, par, gradient_clipping=cfg.optim.grad_clip)
+    resolved_ds = resolve_ds_config(ds, par, gradient_clipping=cfg.optim.grad_clip)
     cfg = dataclasses.replace(cfg, parallel=par)
+    if cfg.train.memory_check:  # before anything is allocated
+        check_memory(cfg.model, par, ds=resolved_ds)
     tokenizer = _tokenizer(cfg)
     if cfg.data.kind == "webdataset":
         from megaclip.data import resolve_shards

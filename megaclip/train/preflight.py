@@ -1,0 +1,140 @@
+"""Memory pre-flight: refuse a layout that will not fit before anything is allocated.
+
+The planner's per-rank prediction (megaclip.perf.memory.rank_peaks) is compared with this
+node's budget: device memory per GPU (the planner's usable share of it), or on a CPU node the
+memory available now (``MemAvailable``) shared among the node's ranks, plus what this rank
+already holds (its runtime, which the prediction includes). A misfit is one line: prediction,
+budget, and the nearest layouts of the same global batch that fit (ranked as ``megaclip plan``
+ranks them). ``train.memory_check: false`` overrides it; the kernel's OOM killer is never the
+error message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from megaclip.config.model import ClipConfig
+from megaclip.config.parallel import ParallelConfig
+from megaclip.errors import ConfigError
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes one rank may use, and where the figure comes from."""
+
+    bytes: float
+    host: bool
+    source: str
+
+
+def local_ranks() -> int:
+    """Processes of this job on this node (launcher variables; 1 when launched alone)."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.split("(")[0].isdigit():
+            return max(1, int(value.split("(")[0]))
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _meminfo_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def node_budget() -> Budget | None:
+    """This rank's memory budget, or None when it cannot be read (then nothing is checked)."""
+    from megaclip.parallel.runtime import accelerator
+    from megaclip.perf.planner import PlanRequest
+    from megaclip.train.memlog import current_bytes
+
+    acc = accelerator()
+    if acc.device_name() != "cpu":
+        total = float(acc.total_memory(int(os.environ.get("LOCAL_RANK", "0"))))
+        margin, reserved = PlanRequest.memory_margin, PlanRequest.reserved_gib
+        usable = total * (1 - margin) - reserved * GIB
+        return Budget(usable, False, f"{total / GIB:.1f} GiB {acc.device_name()} memory")
+    avail = _meminfo_kib("MemAvailable")
+    if avail is None:
+        return None
+    n = local_ranks()
+    share = avail * 1024 / n + current_bytes()
+    return Budget(share, True, f"MemAvailable {avail / 2**20:.1f} GiB over {n} local ranks")
+
+
+def nearest_fits(cfg: ClipConfig, par: ParallelConfig, budget: Budget, top: int = 3) -> list[str]:
+    """Up to ``top`` layouts of the same world size and global batch that fit ``budget``."""
+    from megaclip.perf.devices import Device
+    from megaclip.perf.memory import HOST_RUNTIME_BYTES
+    from megaclip.perf.planner import PlanRequest, plan
+    from megaclip.perf.timing import Cluster
+
+    node = min(par.world_size, local_ranks())
+    device = Device("this-node", 1.0, 1.0, 1.0, budget.bytes / GIB, 100.0, 10.0, 10.0, node)
+    runtime = HOST_RUNTIME_BYTES / GIB if budget.host else 0.0
+    req = PlanRequest(
+        model=cfg,
+        cluster=Cluster(device, par.world_size, node),
+        global_batch=par.global_batch_size,
+        precision=par.precision,
+        memory_margin=0.0,
+        reserved_gib=runtime,
+        batch_tolerance=0.0,
+    )
+    try:
+        result = plan(req)
+    except ConfigError:
+        return []
+    out = []
+    for c in result.feasible:
+        p = c.par
+        text = (
+            f"tp={p.tp} pp={p.pp} dp={p.dp} zero_stage={p.zero_stage} "
+            f"micro_batch_size={p.micro_batch_size} grad_accum_steps={p.grad_accum_steps} "
+            f"activation_checkpointing={str(p.activation_checkpointing).lower()} "
+            f"({(c.peak_bytes / GIB + runtime):.1f} GiB)"
+        )
+        if text not in out:
+            out.append(text)
+        if len(out) == top:
+            break
+    return out
+
+
+def check_memory(
+    cfg: ClipConfig, par: ParallelConfig, *, ds: dict | None = None, budget: Budget | None = None
+) -> None:
+    """ConfigError (one line) when the planner predicts a rank above this node's budget.
+
+    ``ds``: the run's resolved DeepSpeed config (bucket sizes).
+    """
+    from megaclip.perf.memory import rank_peaks
+
+    budget = budget or node_budget()
+    if budget is None:
+        return
+    peaks = rank_peaks(cfg, par, host=budget.host, ds=ds)
+    worst = max(peaks, key=lambda r: r.peak)
+    if worst.peak <= budget.bytes:
+        return
+    fits = nearest_fits(cfg, replace(par), budget)
+    advice = (
+        "layouts of this global batch that fit: " + "; ".join(fits)
+        if fits
+        else "no layout of this global batch fits: use more processes or a smaller batch"
+    )
+    raise ConfigError(
+        f"{cfg.name} on tp={par.tp} pp={par.pp} dp={par.dp} ZeRO-{par.zero_stage} "
+        f"({par.precision}, micro_batch_size={par.micro_batch_size}, activation_checkpointing="
+        f"{str(par.activation_checkpointing).lower()}) needs about {worst.peak / GIB:.1f} GiB on "
+        f"rank {worst.rank} (planner), but a rank has {budget.bytes / GIB:.1f} GiB "
+        f"({budget.source}); {advice}; set train.memory_check=false to start anyway"
+    )
