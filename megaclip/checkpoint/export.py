@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from megaclip.checkpoint.openclip import from_open_clip, to_open_clip
+from megaclip.checkpoint.openclip import from_open_clip, open_clip_config, to_open_clip
 from megaclip.checkpoint.reader import load_file, read_checkpoint
 from megaclip.checkpoint.universal import (
     PARAM_DIR,
@@ -35,6 +35,7 @@ from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError, ConfigError
 
 SAFETENSORS_CONFIG_KEY = "megaclip_model_config"
+OPEN_CLIP_CONFIG_KEY = "open_clip_config"  # open_clip's model_cfg: open_clip.model.CLIP(**it)
 
 
 def _safetensors():
@@ -53,12 +54,15 @@ def save_open_clip_file(path: str | Path, cfg: ClipConfig, state: dict[str, torc
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    config = to_dict(cfg)
+    config, oc_config = to_dict(cfg), open_clip_config(cfg)  # oc_config: open_clip's model_cfg
     if path.suffix == ".safetensors":
         meta = {SAFETENSORS_CONFIG_KEY: json.dumps(config), "format": "pt"}
+        meta[OPEN_CLIP_CONFIG_KEY] = json.dumps(oc_config)
         _safetensors().save_file(tensors, str(tmp), metadata=meta)
     elif path.suffix in (".pt", ".pth", ".bin"):
-        torch.save({"model_config": config, "state_dict": tensors}, tmp)
+        torch.save(
+            {"model_config": config, OPEN_CLIP_CONFIG_KEY: oc_config, "state_dict": tensors}, tmp
+        )
     else:
         raise CheckpointError(f"--out {path}: use a .pt or .safetensors file name")
     os.replace(tmp, path)
@@ -114,14 +118,20 @@ def export_open_clip(ckpt: str | Path, out: str | Path, *, fp32_master: bool = F
     ``fp32_master``: export ZeRO's / the bf16 optimizer's fp32 master weights instead of the
     module weights in the training dtype (ZeRO-3 always exports the masters).
     """
+    cfg, params = read_full_model(ckpt, fp32_master=fp32_master)
+    return save_open_clip_file(out, cfg, to_open_clip(params))
+
+
+def read_full_model(
+    ckpt: str | Path, *, fp32_master: bool = False
+) -> tuple[ClipConfig, dict[str, torch.Tensor]]:
+    """(ClipConfig, full ClipModel-named params) of a DeepSpeed or universal checkpoint."""
     src = Path(ckpt)
     universal = _source_model(src) if src.is_dir() else None
     if universal is not None:
-        cfg, params = universal
-    else:
-        full = read_checkpoint(src, fp32_master=fp32_master)
-        cfg, params = full.meta.model_config, full.params
-    return save_open_clip_file(out, cfg, to_open_clip(params))
+        return universal
+    full = read_checkpoint(src, fp32_master=fp32_master)
+    return full.meta.model_config, full.params
 
 
 def import_open_clip(

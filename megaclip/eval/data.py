@@ -59,6 +59,11 @@ def _caption_of(sample: Sample) -> str:
     return sample.caption
 
 
+def _caption_lines(sample: Sample) -> list[str]:
+    """Every non-empty line of the caption member (CLIP_benchmark: several captions per image)."""
+    return [line.strip() for line in sample.caption.splitlines() if line.strip()]
+
+
 class _BatchedSamples(IterableDataset):
     """Per-worker batches (images, [extract(sample)], cumulative SkipStats, worker id)."""
 
@@ -314,13 +319,17 @@ def caption_loader(
     *,
     workers: int = 0,
     max_skip_fraction: float | None = 0.0,
+    lines: bool = False,
 ) -> ShardEvalLoader:
-    """Batches (images [B,3,S,S], captions list[str]) of (image, .txt caption) shards, in order."""
+    """Batches (images [B,3,S,S], captions) of (image, .txt caption) shards, in order.
+
+    ``captions`` is a list of str, or with ``lines`` a list of each image's caption lines.
+    """
     return ShardEvalLoader(
         spec,
         image_size,
         batch_size,
-        _caption_of,
+        _caption_lines if lines else _caption_of,
         workers=workers,
         max_skip_fraction=max_skip_fraction,
     )

@@ -19,7 +19,7 @@ from torch import nn
 
 from megaclip.config.model import ClipConfig
 from megaclip.model.blocks import ResidualBlock, run_blocks
-from megaclip.model.text import TextEmbed, TextHead, eot_index
+from megaclip.model.text import TextEmbed, TextHead, pool_index
 from megaclip.model.vision import VisionEmbed, VisionHead
 from megaclip.pipeline.partition import StagePlan
 
@@ -100,7 +100,7 @@ class ClipStage(nn.Module):
             images, tokens = inputs  # [B, C, H, W], [B, L] int
             xv = self.visual.embed(images)  # [B, Sv, Dv]
             xt = self.text.embed(tokens)  # [B, St, Dt]
-            eot = eot_index(tokens)  # [B] int
+            eot = pool_index(tokens, t.pool_type, t.eos_id)  # [B] int
         else:
             packed, eot = inputs  # [B, Sv*Dv + St*Dt], [B]
             xv, xt = unpack(packed, self.sv, v.width, t.context_length, t.width)
