@@ -78,9 +78,13 @@ def read_benchmark_dir(root: str, split: str = "test") -> BenchmarkData:
         raise DataError(
             f"{root}/{split}/{NSHARDS_FILE} holds {text.strip()!r}, not a count"
         ) from None
-    shards = resolve_shards([os.path.join(root, split, f"{i}.tar") for i in range(n)])
-    if len(shards) != n:
-        raise DataError(f"{root}/{split}: {NSHARDS_FILE} says {n} shards, {len(shards)} exist")
+    shards = [os.path.join(root, split, f"{i}.tar") for i in range(n)]
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing or not shards:
+        raise DataError(
+            f"{root}/{split}: {NSHARDS_FILE} says {n} shards, but "
+            + (f"{missing[0]} does not exist" if missing else "a split needs at least one")
+        )
     kind = (_read_text(os.path.join(root, TYPE_FILE)) or "classification").strip().lower()
     classnames = templates = None
     if kind != "retrieval":

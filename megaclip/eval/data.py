@@ -289,7 +289,7 @@ def image_folder_loader(
 
 
 def labeled_loader(
-    data: str,
+    data: str | Sequence[str],
     classnames: Sequence[str],
     image_size: int,
     batch_size: int,
@@ -299,7 +299,7 @@ def labeled_loader(
     max_skip_fraction: float | None = 0.0,
 ) -> LabeledShards | DataLoader:
     """Labelled batches from an image folder (``data`` is a directory) or a webdataset spec."""
-    if os.path.isdir(data):
+    if isinstance(data, str) and os.path.isdir(data):
         return image_folder_loader(data, classnames, image_size, batch_size, workers)
     return LabeledShards(
         data,
