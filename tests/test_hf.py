@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -281,3 +282,14 @@ def test_bad_input_errors(tmp_path, capsys):
     )
     assert "text pooling contradicts the clip_bpe tokenizer: text.eos_id is 49406" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_transformers_stays_optional(tmp_path, capsys, monkeypatch):
+    """Writing an HF directory needs no transformers; --verify names the extra to install."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    uni, _ = _universal(tmp_path, _cfg())
+    assert cli(["convert", str(uni), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    argv = ["convert", str(uni), "--to", "hf", "--out", str(tmp_path / "hf2"), "--verify"]
+    err = _one_line_error(capsys, argv)
+    assert err.endswith("this needs Hugging Face transformers: pip install megaclip[hf]")
+    assert not (tmp_path / "hf2").exists()

@@ -101,8 +101,11 @@ def _to_open_clip(src: Path, out: Path, fp32_master: bool) -> int:
 
 
 def _to_hf(src: Path, out: Path, args: argparse.Namespace) -> int:
-    from megaclip.checkpoint.hf import export_hf
+    from megaclip.checkpoint.hf import export_hf, load_transformers
     from megaclip.errors import CheckpointError
+
+    if args.verify:
+        load_transformers()  # before writing: a missing extra is reported first
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"--out {out} already exists and is not empty; choose another")
