@@ -243,3 +243,45 @@ def test_sentencepiece_training_and_eval_pool_at_the_eos(tmp_path, spm_path):
         assert len(calls) >= min_calls
         assert {tok for c in calls for tok in c["pooled_tokens"]} == {2}  # the EOS, every row
         assert len({p for c in calls for p in c["positions"]}) > 3  # varied lengths
+
+
+def test_open_clip_exports_carry_the_pooling(tmp_path):
+    """--to open_clip (directory and .pt) rebuilds open_clip's CLIP with eos pooling; re-import."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    from megaclip.checkpoint.openclip import OPEN_CLIP_DIR_CONFIG, read_open_clip_dir
+    from megaclip.checkpoint.universal import write_universal
+    from megaclip.cli.main import main as cli
+    from megaclip.errors import CheckpointError
+
+    cfg, model = _eos_model({"pool_type": "eos", "eos_id": EOS})
+    uni = write_universal(tmp_path / "uni", cfg, dict(model.named_parameters()))
+    oc_dir, pt = tmp_path / "oc", tmp_path / "m.pt"
+    assert cli(["convert", str(uni), "--to", "open_clip", "--out", str(oc_dir)]) == 0
+    assert cli(["convert", str(uni), "--to", "open_clip", "--out", str(pt)]) == 0
+    oc = open_clip.create_model(f"local-dir:{oc_dir}").eval()
+    assert (oc.text_pool_type, oc.text_eos_id) == ("eos", EOS)
+    saved = torch.load(pt, weights_only=True)
+    from_pt = CLIP(**saved["open_clip_config"]).eval()
+    from_pt.load_state_dict(saved["state_dict"], strict=True)
+    tokens = _tokens()
+    with torch.no_grad():
+        want = model.encode_text(tokens, normalize=False)
+        for other in (oc, from_pt):
+            torch.testing.assert_close(other.encode_text(tokens), want, atol=TOL, rtol=0)
+    # A third-party open_clip directory carries only open_clip's own model_cfg.
+    config_path = oc_dir / OPEN_CLIP_DIR_CONFIG
+    config = json.loads(config_path.read_text())
+    del config["megaclip_model_config"]
+    config_path.write_text(json.dumps(config))
+    assert read_open_clip_dir(oc_dir)[0] == cfg.with_overrides(name="oc")
+    back = tmp_path / "back"
+    assert cli(["convert", str(oc_dir), "--to", "megaclip", "--out", str(back)]) == 0
+    from megaclip.checkpoint.universal import read_universal_meta
+
+    assert model_from_dict(read_universal_meta(back)["model"]) == cfg.with_overrides(name="oc")
+    config["model_cfg"]["text_cfg"]["hf_model_name"] = "roberta-base"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="text_cfg.hf_model_name='roberta-base' is a variant"):
+        read_open_clip_dir(oc_dir)

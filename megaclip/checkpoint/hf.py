@@ -26,7 +26,7 @@ import torch
 
 from megaclip.checkpoint.openclip import MODEL_CONFIG_KEY, from_open_clip, iter_open_clip
 from megaclip.config.model import ClipConfig, TextConfig, model_from_dict
-from megaclip.config.schema import to_dict
+from megaclip.config.schema import load_mapping, to_dict
 from megaclip.data.transforms import CLIP_MEAN, CLIP_STD
 from megaclip.errors import CheckpointError, ConfigError
 from megaclip.model.naming import to_open_clip_key
@@ -501,11 +501,9 @@ def read_hf_config(hf_dir: str | Path) -> ClipConfig:
             f"{hf_dir} is not a Hugging Face model directory: it has no {HF_CONFIG}"
         )
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
+        config = load_mapping(path)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
     return clip_config_from_hf(config, str(hf_dir))
 
 

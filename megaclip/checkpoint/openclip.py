@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from megaclip.config.model import ClipConfig, model_from_dict
-from megaclip.config.schema import to_dict
+from megaclip.config.schema import load_mapping, to_dict
 from megaclip.data.transforms import CLIP_MEAN, CLIP_STD
 from megaclip.errors import CheckpointError, ConfigError
 from megaclip.model.naming import from_open_clip_key, to_open_clip_key
@@ -202,10 +202,12 @@ def read_open_clip_dir(path: str | Path) -> tuple[ClipConfig, Path]:
     path = Path(path)
     where = str(path / OPEN_CLIP_DIR_CONFIG)
     try:
-        config = json.loads((path / OPEN_CLIP_DIR_CONFIG).read_text(encoding="utf-8"))
-        model_cfg = config["model_cfg"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{where} is not an open_clip config ({err!r})") from None
+        config = load_mapping(path / OPEN_CLIP_DIR_CONFIG)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    model_cfg = config.get("model_cfg")
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"{where} has no 'model_cfg' mapping: not an open_clip config")
     weights = next((path / n for n in OPEN_CLIP_DIR_WEIGHTS if (path / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path} has none of {', '.join(OPEN_CLIP_DIR_WEIGHTS)}")
