@@ -79,12 +79,17 @@ _PROJ = ("q_proj", "k_proj", "v_proj")
 _HF_IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 
-def _split_block(key: str, towers: Iterable[tuple[str, str]]) -> tuple[str, str, str] | None:
-    """(target prefix with the layer index, suffix) of a residual-block key, else None."""
+_TOP_INV = {v: k for k, v in _TOP.items()}
+_BLOCK_INV = {v: k for k, v in _BLOCK.items()}
+_QKV_INV = {v: k for k, v in _QKV.items()}
+
+
+def _split_block(key: str, towers: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+    """(the other side's prefix with the layer index, suffix) of a residual-block key, else None."""
     for ours, theirs in towers:
         if key.startswith(ours):
             index, _, suffix = key[len(ours) :].partition(".")
-            return f"{theirs}{index}.", suffix, ours
+            return f"{theirs}{index}.", suffix
     return None
 
 
@@ -94,7 +99,7 @@ def hf_keys(oc_key: str) -> tuple[str, ...]:
         return (_TOP[oc_key],)
     found = _split_block(oc_key, _TOWERS)
     if found is not None:
-        prefix, suffix, _ = found
+        prefix, suffix = found
         if suffix in _BLOCK:
             return (prefix + _BLOCK[suffix],)
         if suffix in _QKV:
@@ -107,19 +112,16 @@ def hf_keys(oc_key: str) -> tuple[str, ...]:
 
 def from_hf_key(hf_key: str) -> tuple[str, int | None]:
     """(open_clip key, q/k/v part index or None) of one HF CLIPModel key."""
-    inverse = {v: k for k, v in _TOP.items()}
-    if hf_key in inverse:
-        return inverse[hf_key], None
+    if hf_key in _TOP_INV:
+        return _TOP_INV[hf_key], None
     found = _split_block(hf_key, [(theirs, ours) for ours, theirs in _TOWERS])
     if found is not None:
-        prefix, suffix, _ = found
-        block = {v: k for k, v in _BLOCK.items()}
-        if suffix in block:
-            return prefix + block[suffix], None
+        prefix, suffix = found
+        if suffix in _BLOCK_INV:
+            return prefix + _BLOCK_INV[suffix], None
         proj, _, kind = suffix.removeprefix("self_attn.").partition(".")
-        qkv = {v: k for k, v in _QKV.items()}
-        if suffix.startswith("self_attn.") and proj in _PROJ and kind in qkv:
-            return prefix + qkv[kind], _PROJ.index(proj)
+        if suffix.startswith("self_attn.") and proj in _PROJ and kind in _QKV_INV:
+            return prefix + _QKV_INV[kind], _PROJ.index(proj)
     raise CheckpointError(
         f"HF key '{hf_key}' has no megaclip counterpart: only standard ViT CLIPModel weights "
         "can be imported"
@@ -345,10 +347,12 @@ def clip_config_from_hf(config: dict[str, Any], where: str) -> ClipConfig:
         )
     if len(eps) != 1:
         raise CheckpointError(f"{where}: layer_norm_eps differ between towers {sorted(eps)}")
-    eos = t.get("eos_token_id", 49407)
-    pooling = {"pool_type": "argmax"} if eos == HF_ARGMAX_EOS else {"pool_type": "eos"}
-    if eos != HF_ARGMAX_EOS:
-        pooling["eos_id"] = eos
+    eos = t.get("eos_token_id", 49407)  # transformers' default
+    if not isinstance(eos, int) or isinstance(eos, bool):
+        raise CheckpointError(f"{where}: text_config.eos_token_id {eos!r} is not one token id")
+    pooling = (
+        {"pool_type": "argmax"} if eos == HF_ARGMAX_EOS else {"pool_type": "eos", "eos_id": eos}
+    )
     stored = config.get(MODEL_CONFIG_KEY) or {}
     data = {
         "name": stored.get("name", Path(where).name or "hf"),
