@@ -42,7 +42,12 @@ setup(
             "hypothesis>=6",
             "open_clip_torch>=2.24",
             "scikit-learn>=1.3",
+            "transformers>=4.40,<6",  # HF CLIPModel export/import tests
+            "clip-benchmark>=1.6,<2",  # CLIP_benchmark agreement test
+            "requests>=2.28",  # imported by clip-benchmark, which does not declare it
         ],
+        # Hugging Face transformers: verify exports (`convert --to hf --verify`), load them.
+        "hf": ["transformers>=4.40,<6"],
         "demo": ["scikit-learn>=1.3", "pillow>=9"],
         "dev": ["ruff==0.17.6"],  # pinned: format output differs between releases
         "plot": ["matplotlib>=3.7"],

@@ -92,7 +92,9 @@ class RssSampler:
         return self.peaks
 
 
-def train(args, layout: dict[str, int], out: Path, steps: int, log: Path) -> tuple[int, dict, float]:
+def train(
+    args, layout: dict[str, int], out: Path, steps: int, log: Path
+) -> tuple[int, dict, float]:
     world = layout["tp"] * layout["pp"] * layout["dp"]
     overrides = [
         f"model={args.model}",
@@ -211,24 +213,24 @@ def main() -> None:
     rc3, convert_peak, t3 = (1, float("nan"), 0.0)
     if steps_ok:
         cmd = [sys.executable, "-m", "megaclip.cli.main", "convert", str(run / "checkpoints")]
-        rc3, convert_peak, t3 = timed([*cmd, "--to", "open_clip", "--out", str(export)],
-                                      out / "convert.log")
+        rc3, convert_peak, t3 = timed(
+            [*cmd, "--to", "open_clip", "--out", str(export)], out / "convert.log"
+        )
     export_gib = export.stat().st_size / GIB if export.is_file() else float("nan")
     strict = False
     if rc3 == 0:
-        rc4 = subprocess.call(
-            [sys.executable, "-c", STRICT_LOAD, args.model, str(export)],
-            cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-            stdout=open(out / "strict_load.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(out / "strict_load.log", "w") as f:
+            rc4 = subprocess.call(
+                [sys.executable, "-c", STRICT_LOAD, args.model, str(export)],
+                cwd=REPO,
+                env=dict(os.environ, PYTHONPATH=str(REPO)),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         strict = rc4 == 0
 
     world = par.world_size
-    peaks = [
-        max(_rank_peak(mem1, r), _rank_peak(mem2, r)) for r in range(world)
-    ]
+    peaks = [max(_rank_peak(mem1, r), _rank_peak(mem2, r)) for r in range(world)]
     sampled = [
         max(sampled1.get(f"rank{r}", 0), sampled2.get(f"rank{r}", 0)) / GIB for r in range(world)
     ]
@@ -245,7 +247,9 @@ def main() -> None:
         "planned_gib_per_rank": [round(x, 3) for x in planned],
         "ratio_max": round(max(ratios), 3) if ratios else None,
         "ratio_min": round(min(ratios), 3) if ratios else None,
-        "rank0_over_others": round(peaks[0] / max(peaks[1:]), 3) if world > 1 and all(peaks) else None,
+        "rank0_over_others": round(peaks[0] / max(peaks[1:]), 3)
+        if world > 1 and all(peaks)
+        else None,
         "phase_peaks_gib": _phases(mem1, mem2),
         "convert_peak_gib": round(convert_peak, 3),
         "export_gib": round(export_gib, 3),

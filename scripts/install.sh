@@ -34,6 +34,8 @@ if ! "$venv/bin/python" -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 pip install --no-build-isolation --no-deps "deepspeed==0.19.8"
 fi
 log "megaclip + test/dev extras"
-pip install "megatron-core==0.16.1" -e "$here[test,dev,demo,plot,tensorboard]"
+# transformers / clip-benchmark: the versions the HF and CLIP_benchmark tests were run with.
+pip install "megatron-core==0.16.1" "transformers==5.24.0" "clip-benchmark==1.6.2" \
+  -e "$here[test,dev,demo,plot,tensorboard,hf]"
 echo "$want" > "$stamp"
 log "done in $((SECONDS - t0)) s"

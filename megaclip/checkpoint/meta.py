@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
 
 def check_same_model(saved: dict[str, Any], cfg: ClipConfig, where: str) -> None:
     """Raise CheckpointError if the saved model mapping's architecture is not ``cfg``'s."""
+    # Fields added since the save (text.pool_type, ...) take their defaults; a saved config that
+    # no longer validates is compared as stored (the differences name what is wrong).
+    with contextlib.suppress(ConfigError):
+        saved = to_dict(model_from_dict(saved, where=where))
     diffs = model_differences(saved, to_dict(cfg))
     if diffs:
         shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from megaclip.checkpoint import mmap_io
-from megaclip.checkpoint.openclip import from_open_clip_key_checked
+from megaclip.checkpoint.openclip import from_open_clip_key_checked, open_clip_config
 from megaclip.checkpoint.stream import Spec, write_stream
 from megaclip.config.model import ClipConfig
 from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError
 
 SAFETENSORS_CONFIG_KEY = "megaclip_model_config"
+OPEN_CLIP_CONFIG_KEY = "open_clip_config"  # open_clip's model_cfg: open_clip.model.CLIP(**it)
 
 
 def _safetensors():
@@ -51,14 +52,19 @@ def write_open_clip_stream(
     specs: list[Spec],
     tensors: Iterable[tuple[str, torch.Tensor]],
 ) -> Path:
-    """Stream open_clip-keyed ``tensors`` (in ``specs`` order) + the model config to ``path``."""
-    config = to_dict(cfg)
+    """Stream open_clip-keyed ``tensors`` (in ``specs`` order) + the model config to ``path``.
+
+    Both configs are stored: megaclip's, and open_clip's ``model_cfg`` (open_clip_config).
+    """
+    config, oc_config = to_dict(cfg), open_clip_config(cfg)
+    meta = {SAFETENSORS_CONFIG_KEY: json.dumps(config), "format": "pt"}
+    meta[OPEN_CLIP_CONFIG_KEY] = json.dumps(oc_config)
     return write_stream(
         path,
         specs,
         tensors,
-        safetensors_metadata={SAFETENSORS_CONFIG_KEY: json.dumps(config), "format": "pt"},
-        torch_wrapper={"model_config": config},
+        safetensors_metadata=meta,
+        torch_wrapper={"model_config": config, OPEN_CLIP_CONFIG_KEY: oc_config},
         torch_root_key="state_dict",
     )
 

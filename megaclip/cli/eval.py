@@ -1,4 +1,7 @@
-"""`megaclip eval {zeroshot,retrieval}`: evaluate an open_clip or megaclip CLIP checkpoint."""
+"""`megaclip eval {zeroshot,retrieval}`: evaluate an open_clip, HF or megaclip CLIP checkpoint.
+
+`megaclip eval to-clip-benchmark` writes labelled shards in CLIP_benchmark's webdataset layout.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="zero-shot classification and image-text retrieval of a checkpoint",
         description="Evaluate a CLIP checkpoint: an open_clip state dict (.pt/.safetensors, with "
-        "--model) or a megaclip export {model_config, state_dict}. See docs/eval.md.",
+        "--model), a megaclip export {model_config, state_dict}, an open_clip or Hugging Face "
+        "CLIPModel directory, or a megaclip checkpoint directory. See docs/eval.md.",
     )
     sub = parser.add_subparsers(dest="eval_command", metavar="TASK")
 
@@ -28,15 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="zero-shot top-1 / top-5 accuracy from class names and prompt templates",
         description="Build a classifier from CLASSNAMES x TEMPLATES prompts and report top-1 / "
         "top-5 accuracy on labelled images: webdataset shards whose samples carry KEY.json "
-        '{"label": int} (or KEY.cls), or an image folder ROOT/<classname>/*.png|jpg.',
+        '{"label": int} (or KEY.cls), an image folder ROOT/<classname>/*.png|jpg, or a '
+        "CLIP_benchmark webdataset directory (its classnames and templates are the defaults).",
     )
     _common(zs)
     zs.add_argument(
-        "--data", required=True, help="shard spec ('val-{000000..000009}.tar') or image folder"
+        "--data",
+        required=True,
+        help="shard spec ('val-{000000..000009}.tar'), image folder or CLIP_benchmark directory",
     )
-    zs.add_argument("--classnames", required=True, help="text file, one class name per line")
+    zs.add_argument("--classnames", default=None, help="text file, one class name per line")
     zs.add_argument(
-        "--templates", required=True, help="text file, one prompt per line containing '{}'"
+        "--templates", default=None, help="text file, one prompt per line containing '{}' / '{c}'"
     )
     zs.add_argument(
         "--label-ext",
@@ -53,10 +60,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "image->text and text->image recall@K; each image's own caption is its positive.",
     )
     _common(rt)
-    rt.add_argument("--data", required=True, help="shard spec of (image, .txt caption) samples")
+    rt.add_argument(
+        "--data",
+        required=True,
+        help="shard spec of (image, .txt caption) samples or CLIP_benchmark retrieval directory",
+    )
     rt.add_argument("--ks", default="1,5,10", help="comma-separated K values (1,5,10)")
     rt.add_argument("--chunk-size", type=int, default=1024, help="similarity rows per chunk (1024)")
     rt.set_defaults(func=_retrieval)
+
+    cb = sub.add_parser(
+        "to-clip-benchmark",
+        help="write labelled shards as a CLIP_benchmark webdataset directory",
+        description="Copy labelled webdataset shards (images undecoded) into CLIP_benchmark's "
+        "layout: OUT/<split>/N.tar with KEY.cls labels, OUT/classnames.txt and "
+        "OUT/zeroshot_classification_templates.txt ({} becomes {c}).",
+    )
+    cb.add_argument("--data", required=True, help="shard spec of labelled samples")
+    cb.add_argument("--classnames", required=True, help="text file, one class name per line")
+    cb.add_argument("--templates", required=True, help="text file, one prompt per line")
+    cb.add_argument("--out", required=True, help="output directory")
+    cb.add_argument("--split", default="test", help="split name (test)")
+    cb.add_argument("--label-ext", choices=("json", "cls"), default="json", help="(json)")
+    cb.set_defaults(func=_to_benchmark)
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
 
 
@@ -64,7 +90,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="open_clip state dict (.pt/.bin/.safetensors) or wrapped {model_config, state_dict}",
+        help="open_clip state dict (.pt/.bin/.safetensors), wrapped {model_config, state_dict}, "
+        "open_clip / HF CLIPModel directory or megaclip checkpoint directory",
     )
     p.add_argument(
         "--model",
@@ -87,6 +114,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="tolerated fraction of unusable shard samples (0: any is an error)",
     )
+    p.add_argument("--split", default="test", help="split of a CLIP_benchmark directory (test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -96,6 +124,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     from megaclip.eval.model import load_eval_model
     from megaclip.tokenizer import build_tokenizer
+    from megaclip.tokenizer.pooling import check_tokenizer
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: use at least 1")
@@ -114,11 +143,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     model = load_eval_model(args.checkpoint, device, args.model, dtype=dtype)
     cfg = model.cfg
     tokenizer = build_tokenizer(args.tokenizer, args.tokenizer_path, cfg.text.context_length)
-    if tokenizer.vocab_size > cfg.text.vocab_size:
-        raise ConfigError(
-            f"the {args.tokenizer} tokenizer has {tokenizer.vocab_size} token ids but model "
-            f"{cfg.name} has text.vocab_size {cfg.text.vocab_size}; use the model's tokenizer"
-        )
+    check_tokenizer(cfg.text, tokenizer, args.tokenizer)  # vocabulary size, text pooling
     return device, model, tokenizer
 
 
@@ -135,17 +160,27 @@ def _zeroshot(args: argparse.Namespace) -> int:
         zeroshot_eval,
     )
 
-    classnames = read_classnames(args.classnames)
-    templates = read_templates(args.templates)
+    bench = _benchmark(args, "classification")
+    classnames = read_classnames(args.classnames) if args.classnames else None
+    templates = read_templates(args.templates) if args.templates else None
+    if bench is not None:
+        classnames = classnames or bench.classnames
+        templates = templates or bench.templates
+    if classnames is None or templates is None:
+        missing = "--classnames" if classnames is None else "--templates"
+        raise ConfigError(
+            f"{missing} is required unless --data is a CLIP_benchmark directory that has "
+            "classnames.txt and zeroshot_classification_templates.txt"
+        )
     t0 = time.perf_counter()
     device, model, tokenizer = _setup(args)
     loader = labeled_loader(
-        args.data,
+        bench.shards if bench is not None else args.data,
         classnames,
         model.cfg.vision.image_size,
         args.batch_size,
         workers=args.workers,
-        label_ext=args.label_ext,
+        label_ext="cls" if bench is not None else args.label_ext,
         max_skip_fraction=args.max_skip_fraction,
     )
     t1 = time.perf_counter()
@@ -160,7 +195,11 @@ def _zeroshot(args: argparse.Namespace) -> int:
         "checkpoint": args.checkpoint,
         "model": model.cfg.name,
         "data": args.data,
-        "source": "image_folder" if os.path.isdir(args.data) else "webdataset",
+        "source": "clip_benchmark"
+        if bench is not None
+        else "image_folder"
+        if os.path.isdir(args.data)
+        else "webdataset",
         "classes": len(classnames),
         "templates": len(templates),
         **result,
@@ -199,14 +238,16 @@ def _retrieval(args: argparse.Namespace) -> int:
     ks = _parse_ks(args.ks)
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size {args.chunk_size}: use at least 1")
+    bench = _benchmark(args, "retrieval")
     t0 = time.perf_counter()
     device, model, tokenizer = _setup(args)
     loader = caption_loader(
-        args.data,
+        bench.shards if bench is not None else args.data,
         model.cfg.vision.image_size,
         args.batch_size,
         workers=args.workers,
         max_skip_fraction=args.max_skip_fraction,
+        lines=bench is not None,
     )
     t1 = time.perf_counter()
     result = retrieval_eval(model, tokenizer, loader, device, ks, chunk_size=args.chunk_size)
@@ -224,11 +265,45 @@ def _retrieval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"retrieval {out['model']} on {args.data}: {out['n_images']} image-caption pairs")
+        print(
+            f"retrieval {out['model']} on {args.data}: {out['n_images']} images, "
+            f"{out['n_texts']} captions"
+        )
         for direction in ("image_to_text", "text_to_image"):
             cells = "  ".join(f"R@{k} {_pct(out[f'{direction}_R@{k}'])}" for k in ks)
             print(f"  {direction.replace('_', ' '):<14} {cells}")
         if out["skipped"]:
             print(f"  skipped samples: {loader.skip_stats.summary()}")
         print(f"  load {out['load_seconds']:.1f}s, eval {out['eval_seconds']:.1f}s")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace, kind: str):
+    """The CLIP_benchmark split that ``--data`` names (None: not such a directory)."""
+    from megaclip.eval.benchmark import is_benchmark_dir, read_benchmark_dir
+
+    if not is_benchmark_dir(args.data):
+        return None
+    bench = read_benchmark_dir(args.data, args.split)
+    if (bench.kind == "retrieval") != (kind == "retrieval"):
+        raise ConfigError(
+            f"--data {args.data} is a CLIP_benchmark {bench.kind} dataset (dataset_type.txt): "
+            f"evaluate it with `megaclip eval {'retrieval' if kind != 'retrieval' else 'zeroshot'}`"
+        )
+    return bench
+
+
+def _to_benchmark(args: argparse.Namespace) -> int:
+    from megaclip.eval.benchmark import labeled_samples, write_benchmark_dir
+    from megaclip.eval.zeroshot import read_classnames, read_templates
+
+    classnames = read_classnames(args.classnames)
+    templates = read_templates(args.templates)
+    samples = labeled_samples(args.data, args.label_ext)
+    bench = write_benchmark_dir(args.out, samples, classnames, templates, split=args.split)
+    print(
+        f"wrote {args.out} (CLIP_benchmark webdataset, split {bench.split}: "
+        f"{len(bench.shards)} shard(s), {len(classnames)} classes); evaluate with "
+        f"clip_benchmark eval --dataset wds/NAME --dataset_root {args.out}"
+    )
     return 0

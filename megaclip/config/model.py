@@ -11,6 +11,9 @@ from megaclip.config.schema import from_dict, is_file, load_mapping
 from megaclip.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+# Where the text tower pools (open_clip's ``text_pool_type``): the largest token id (CLIP BPE's
+# end-of-text), the first ``eos_id`` token, the first position or the last position.
+POOL_TYPES = ("argmax", "eos", "first", "last")
 ALIASES = {"ViT-bigG-14": "ViT-G-14"}
 
 
@@ -69,7 +72,11 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """A causal text transformer: token + position embeddings, pre-LN blocks, EOT-pooled head."""
+    """A causal text transformer: token + position embeddings, pre-LN blocks, pooled head.
+
+    ``pool_type`` picks the pooled position (see POOL_TYPES); ``eos_id`` is the end-of-text id
+    that ``pool_type: eos`` looks for (the tokenizer's; set only with ``eos``).
+    """
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -77,6 +84,8 @@ class TextConfig:
     layers: int = 12
     heads: int = 8
     mlp_dim: int = 2048
+    pool_type: Literal["argmax", "eos", "first", "last"] = "argmax"
+    eos_id: int | None = None
 
     def __post_init__(self) -> None:
         _positive(
@@ -91,6 +100,29 @@ class TextConfig:
         if self.width % self.heads:
             raise ConfigError(
                 f"text.width {self.width} is not divisible by text.heads {self.heads}"
+            )
+        self._check_pooling()
+
+    def _check_pooling(self) -> None:
+        if self.pool_type not in POOL_TYPES:
+            raise ConfigError(
+                f"text.pool_type {self.pool_type!r} is not one of {', '.join(POOL_TYPES)}"
+            )
+        if self.pool_type != "eos":
+            if self.eos_id is not None:
+                raise ConfigError(
+                    f"text.eos_id {self.eos_id} is only used with text.pool_type: eos (got "
+                    f"{self.pool_type}); drop eos_id or set pool_type: eos"
+                )
+            return
+        if self.eos_id is None:
+            raise ConfigError(
+                "text.pool_type eos needs text.eos_id: the tokenizer's end-of-text id "
+                "(SentencePiece: its eos_id, often 1 or 2)"
+            )
+        if not 0 <= self.eos_id < self.vocab_size:
+            raise ConfigError(
+                f"text.eos_id {self.eos_id} is outside the vocabulary [0, {self.vocab_size})"
             )
 
     @property

@@ -59,6 +59,11 @@ def _caption_of(sample: Sample) -> str:
     return sample.caption
 
 
+def _caption_lines(sample: Sample) -> list[str]:
+    """Every non-empty line of the caption member (CLIP_benchmark: several captions per image)."""
+    return [line.strip() for line in sample.caption.splitlines() if line.strip()]
+
+
 class _BatchedSamples(IterableDataset):
     """Per-worker batches (images, [extract(sample)], cumulative SkipStats, worker id)."""
 
@@ -284,7 +289,7 @@ def image_folder_loader(
 
 
 def labeled_loader(
-    data: str,
+    data: str | Sequence[str],
     classnames: Sequence[str],
     image_size: int,
     batch_size: int,
@@ -294,7 +299,7 @@ def labeled_loader(
     max_skip_fraction: float | None = 0.0,
 ) -> LabeledShards | DataLoader:
     """Labelled batches from an image folder (``data`` is a directory) or a webdataset spec."""
-    if os.path.isdir(data):
+    if isinstance(data, str) and os.path.isdir(data):
         return image_folder_loader(data, classnames, image_size, batch_size, workers)
     return LabeledShards(
         data,
@@ -314,13 +319,17 @@ def caption_loader(
     *,
     workers: int = 0,
     max_skip_fraction: float | None = 0.0,
+    lines: bool = False,
 ) -> ShardEvalLoader:
-    """Batches (images [B,3,S,S], captions list[str]) of (image, .txt caption) shards, in order."""
+    """Batches (images [B,3,S,S], captions) of (image, .txt caption) shards, in order.
+
+    ``captions`` is a list of str, or with ``lines`` a list of each image's caption lines.
+    """
     return ShardEvalLoader(
         spec,
         image_size,
         batch_size,
-        _caption_of,
+        _caption_lines if lines else _caption_of,
         workers=workers,
         max_skip_fraction=max_skip_fraction,
     )

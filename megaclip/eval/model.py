@@ -1,6 +1,8 @@
-"""Load a CLIP model for evaluation from an open_clip state dict or a wrapped megaclip export.
+"""Load a CLIP model for evaluation from an open_clip / HF / megaclip checkpoint.
 
-Accepted files (see docs/eval.md):
+Accepted directories: an open_clip model directory (open_clip_config.json + weights), a Hugging
+Face CLIPModel directory (config.json + model.safetensors) or a megaclip checkpoint (root, step
+or universal directory). Accepted files (see docs/eval.md):
 
 * a bare open_clip state dict (``.pt`` / ``.bin`` via ``torch.load``, or ``.safetensors``), possibly
   nested under ``"state_dict"`` and possibly with a ``module.`` prefix; the architecture comes from
@@ -35,6 +37,8 @@ from megaclip.model.naming import from_open_clip_key, to_open_clip_key
 WRAPPED_CONFIG_KEY = "model_config"
 WRAPPED_STATE_KEY = "state_dict"
 _MEGACLIP_PREFIXES = ("visual.embed.", "visual.head.", "visual.blocks.", "text.")
+# Files that mark a megaclip checkpoint directory: root (latest), step directory, universal.
+_CHECKPOINT_MARKERS = ("latest", "megaclip_meta.json", "megaclip_universal.json")
 
 
 def save_eval_checkpoint(
@@ -61,10 +65,7 @@ def save_eval_checkpoint(
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, embedded model config or None) of a checkpoint file; CheckpointError if bad."""
     if os.path.isdir(path):
-        raise CheckpointError(
-            f"checkpoint {path!r} is a directory; pass one file: an open_clip state dict with "
-            "--model, or a file exported with `megaclip convert RUN --to open_clip`"
-        )
+        return read_model_dir(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path!r}")
     config: Any = None
@@ -93,6 +94,32 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     if config is not None and not isinstance(config, Mapping):
         raise CheckpointError(f"{path!r}: '{WRAPPED_CONFIG_KEY}' must be a mapping")
     return state, (dict(config) if config is not None else None)
+
+
+def read_model_dir(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, model config) of an open_clip or HF CLIPModel directory or megaclip checkpoint.
+
+    The state dict has open_clip keys (model directories) or ClipModel names (checkpoints).
+    """
+    from megaclip.checkpoint.hf import HF_CONFIG, read_hf
+    from megaclip.checkpoint.openclip import is_open_clip_dir, read_open_clip_dir
+
+    if is_open_clip_dir(path):
+        cfg, weights = read_open_clip_dir(path)
+        return read_checkpoint(str(weights))[0], to_dict(cfg)
+    if os.path.isfile(os.path.join(path, HF_CONFIG)):
+        cfg, state = read_hf(path)
+        return state, to_dict(cfg)
+    if any(os.path.isfile(os.path.join(path, name)) for name in _CHECKPOINT_MARKERS):
+        from megaclip.checkpoint.export import read_full_model
+
+        cfg, params = read_full_model(path)
+        return params, to_dict(cfg)
+    raise CheckpointError(
+        f"checkpoint {path!r} is a directory but neither an open_clip model directory "
+        "(open_clip_config.json), a Hugging Face CLIPModel directory (config.json) nor a megaclip "
+        f"checkpoint ({', '.join(_CHECKPOINT_MARKERS)})"
+    )
 
 
 def _torch_load(path: str) -> Any:

@@ -110,6 +110,39 @@ def recall_at_k(
 
 
 @torch.no_grad()
+def encode_captioned(
+    model: Any,
+    tokenizer: Tokenizer,
+    loader: Iterable[tuple[torch.Tensor, Sequence[str | Sequence[str]]]],
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features [N, E], text features [M, E], text_to_image [M]) float32 / int64.
+
+    Each image comes with one caption (a str) or several (a list of str, CLIP_benchmark's
+    retrieval data: one caption per line of KEY.txt).
+    """
+    dtype = input_dtype(model)
+    images_out: list[torch.Tensor] = []
+    texts_out: list[torch.Tensor] = []
+    owners: list[int] = []
+    n = 0
+    for images, captions in loader:
+        feats = model.encode_image(images.to(device=device, dtype=dtype)).float()
+        images_out.append(check_finite(feats, "image"))
+        texts: list[str] = []
+        for i, caption in enumerate(captions):
+            group = [caption] if isinstance(caption, str) else list(caption)
+            texts += group
+            owners += [n + i] * len(group)
+        n += len(images)
+        tokens = torch.as_tensor(tokenizer(texts)).to(device)
+        texts_out.append(check_finite(model.encode_text(tokens).float(), "text"))
+    if not images_out:
+        raise DataError("the retrieval data holds no (image, caption) pair")
+    text_to_image = torch.tensor(owners, dtype=torch.long)
+    return torch.cat(images_out), torch.cat(texts_out), text_to_image
+
+
 def encode_pairs(
     model: Any,
     tokenizer: Tokenizer,
@@ -117,27 +150,18 @@ def encode_pairs(
     device: torch.device | str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image features [N, E], text features [N, E]) float32 of (images, captions) batches."""
-    dtype = input_dtype(model)
-    images_out: list[torch.Tensor] = []
-    texts_out: list[torch.Tensor] = []
-    for images, captions in loader:
-        feats = model.encode_image(images.to(device=device, dtype=dtype)).float()
-        images_out.append(check_finite(feats, "image"))
-        tokens = torch.as_tensor(tokenizer(list(captions))).to(device)
-        texts_out.append(check_finite(model.encode_text(tokens).float(), "text"))
-    if not images_out:
-        raise DataError("the retrieval data holds no (image, caption) pair")
-    return torch.cat(images_out), torch.cat(texts_out)
+    image_features, text_features, _ = encode_captioned(model, tokenizer, loader, device)
+    return image_features, text_features
 
 
 def retrieval_eval(
     model: Any,
     tokenizer: Tokenizer,
-    loader: Iterable[tuple[torch.Tensor, list[str]]],
+    loader: Iterable[tuple[torch.Tensor, Sequence[str | Sequence[str]]]],
     device: torch.device | str,
     ks: Sequence[int] = DEFAULT_KS,
     chunk_size: int = 1024,
 ) -> dict[str, float | int]:
-    """Encode every (image, caption) pair of ``loader`` and return :func:`recall_at_k` (1:1)."""
-    image_features, text_features = encode_pairs(model, tokenizer, loader, device)
-    return recall_at_k(image_features, text_features, ks, chunk_size=chunk_size)
+    """Encode every (image, caption(s)) sample of ``loader`` and return :func:`recall_at_k`."""
+    image_features, text_features, owners = encode_captioned(model, tokenizer, loader, device)
+    return recall_at_k(image_features, text_features, ks, owners, chunk_size=chunk_size)

@@ -17,6 +17,7 @@ from megaclip.errors import CheckpointError, DataError
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 PLACEHOLDER = "{}"
+BENCHMARK_PLACEHOLDER = "{c}"  # CLIP_benchmark's templates: template.format(c=classname)
 
 
 def _read_nonempty_lines(path: str, what: str) -> list[tuple[int, str]]:
@@ -43,28 +44,45 @@ def check_templates(templates: Sequence[str], where: str = "templates") -> None:
     if not templates:
         raise DataError(f"{where}: no prompt template given")
     for i, t in enumerate(templates):
-        if PLACEHOLDER not in t:
+        if not has_placeholder(t):
             raise DataError(
                 f"{where}: template {i + 1} {t!r} has no '{{}}' placeholder for the class name "
                 "(write e.g. 'a photo of a {}.')"
             )
 
 
+def has_placeholder(template: str) -> bool:
+    """Whether ``template`` has a class-name placeholder: ``{}`` or CLIP_benchmark's ``{c}``."""
+    return PLACEHOLDER in template or BENCHMARK_PLACEHOLDER in template
+
+
 def read_templates(path: str) -> list[str]:
     """Prompt templates, one per non-empty line, each containing ``{}`` (DataError otherwise)."""
     lines = _read_nonempty_lines(path, "templates")
     for n, t in lines:
-        if PLACEHOLDER not in t:
+        if not has_placeholder(t):
             raise DataError(
                 f"templates file {path!r}, line {n}: {t!r} has no '{{}}' placeholder for the "
-                "class name (write e.g. 'a photo of a {}.')"
+                "class name (write e.g. 'a photo of a {}.', or CLIP_benchmark's '{c}')"
             )
     return [t for _, t in lines]
 
 
 def fill_template(template: str, classname: str) -> str:
-    """The prompt: every ``{}`` in ``template`` replaced by ``classname`` (no other formatting)."""
-    return template.replace(PLACEHOLDER, classname)
+    """The prompt: ``{}`` replaced by ``classname``, or ``template.format(c=classname)`` (``{c}``).
+
+    ``{}`` templates get no other formatting (other braces stay); ``{c}`` templates are
+    CLIP_benchmark's, filled exactly as it fills them.
+    """
+    if BENCHMARK_PLACEHOLDER not in template:
+        return template.replace(PLACEHOLDER, classname)
+    try:
+        return template.format(c=classname)
+    except (KeyError, IndexError, ValueError):
+        raise DataError(
+            f"template {template!r}: a CLIP_benchmark template may hold only the field {{c}} "
+            "(write other braces as {{ and }})"
+        ) from None
 
 
 def input_dtype(model: Any) -> torch.dtype:

@@ -21,7 +21,7 @@ from torch import nn
 
 from megaclip.config.model import ClipConfig
 from megaclip.model.blocks import ResidualBlock, run_blocks
-from megaclip.model.text import TextEmbed, TextHead, eot_index
+from megaclip.model.text import TextEmbed, TextHead, pool_index
 from megaclip.model.vision import VisionEmbed, VisionHead
 from megaclip.parallel.shapes import check_tensor_parallel
 
@@ -103,8 +103,9 @@ class ClipStage(nn.Module):
 
     # The three phases of a span; a pipeline stage runs them with transport in between.
     def embed(self, images: torch.Tensor, tokens: torch.Tensor):
-        """images [B, C, H, W], tokens [B, L] -> xv [B, Sv, Dv], xt [B, L, Dt], eot [B] int."""
-        return self.visual.embed(images), self.text.embed(tokens), eot_index(tokens)
+        """images [B, C, H, W], tokens [B, L] -> xv [B, Sv, Dv], xt [B, L, Dt], pooled pos [B]."""
+        pool = pool_index(tokens, self.cfg.text.pool_type, self.cfg.text.eos_id)
+        return self.visual.embed(images), self.text.embed(tokens), pool
 
     def run_vision(self, xv: torch.Tensor) -> torch.Tensor:  # [B, Sv, Dv] -> [B, Sv, Dv]
         return run_blocks(self.visual.blocks.values(), xv, self.recompute)
@@ -148,7 +149,7 @@ class ClipModel(ClipStage):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.run_text(self.text.embed(tokens))  # [B, L, Dt]
-        x = self.text.head(x, eot_index(tokens))  # [B, E]
+        x = self.text.head(x, pool_index(tokens, self.cfg.text.pool_type, self.cfg.text.eos_id))
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(

@@ -20,9 +20,18 @@ class TextEmbed(nn.Module):
         return self.token_embedding(tokens) + self.positional_embedding
 
 
-def eot_index(tokens: torch.Tensor) -> torch.Tensor:
-    """Position of each text's end-of-text token: the largest id (CLIP BPE puts EOT last)."""
-    return tokens.argmax(dim=-1)  # [B]
+def pool_index(
+    tokens: torch.Tensor, pool_type: str = "argmax", eos_id: int | None = None
+) -> torch.Tensor:
+    """Pooled position [B] of token rows [B, L], as open_clip's ``text_global_pool`` picks it."""
+    if pool_type == "argmax":  # CLIP BPE: the end-of-text token has the largest id
+        return tokens.argmax(dim=-1)
+    if pool_type == "eos":  # the first eos_id token (position 0 when a row has none)
+        return (tokens == eos_id).int().argmax(dim=-1)
+    if pool_type in ("first", "last"):
+        pos = 0 if pool_type == "first" else tokens.shape[-1] - 1
+        return torch.full(tokens.shape[:1], pos, dtype=torch.long, device=tokens.device)
+    raise ValueError(f"unknown text pool type {pool_type!r}")
 
 
 class TextHead(nn.Module):

@@ -100,17 +100,14 @@ def micro_batch_stream(
 
 def _tokenizer(cfg: RunConfig):
     from megaclip.tokenizer import build_tokenizer
+    from megaclip.tokenizer.pooling import check_tokenizer
 
     if cfg.data.kind == "synthetic" and not cfg.zeroshot.data:
         return None
     tok = build_tokenizer(
         cfg.data.tokenizer, cfg.data.tokenizer_path, context_length=cfg.model.text.context_length
     )
-    if tok.vocab_size > cfg.model.text.vocab_size:
-        raise ConfigError(
-            f"the {cfg.data.tokenizer} tokenizer has {tok.vocab_size} ids but model.text."
-            f"vocab_size is {cfg.model.text.vocab_size}; use a model with a large enough vocabulary"
-        )
+    check_tokenizer(cfg.model.text, tok, cfg.data.tokenizer)  # vocabulary size, text pooling
     return tok
 
 
