@@ -44,6 +44,30 @@ def ds_precision(ds: dict[str, Any]) -> str:
     return enabled[0] if enabled else "fp32"
 
 
+#: Elements of DeepSpeed's communication buckets when a config sets none (DeepSpeed's own 5e8
+#: would hold 1-2 GB of bf16 buffers per rank; throughput is flat above ~5e7 on one node).
+BUCKET_ELEMS = 50_000_000
+#: Upper bound on the elements of ZeRO-3's fp32 gradient buffer (see zero_memory_defaults).
+ZERO3_GRAD_BUFFER_ELEMS = 100_000_000
+
+
+def zero_memory_defaults(par: ParallelConfig) -> dict[str, int]:
+    """``zero_optimization`` settings megaclip fills in when the JSON leaves them out.
+
+    Bucket sizes: :data:`BUCKET_ELEMS`. ZeRO-3: DeepSpeed 0.19.8 allocates its fp32 gradient
+    buffer with the *full* (unpartitioned) size of the largest optimizer sub-group, i.e. 4 bytes
+    per model parameter on every rank with its default ``sub_group_size`` of 1e9; sub-groups of
+    ``ZERO3_GRAD_BUFFER_ELEMS / dp`` partition elements cap it at 4 x 1e8 bytes.
+    """
+    if par.zero_stage == 0:
+        return {}
+    out = {"reduce_bucket_size": BUCKET_ELEMS, "allgather_bucket_size": BUCKET_ELEMS}
+    if par.zero_stage == 3:
+        out["sub_group_size"] = max(1, ZERO3_GRAD_BUFFER_ELEMS // par.dp)
+        out["stage3_prefetch_bucket_size"] = BUCKET_ELEMS
+    return out
+
+
 def resolve_ds_config(
     ds: dict[str, Any], par: ParallelConfig, gradient_clipping: float | None = None
 ) -> dict[str, Any]:
@@ -87,6 +111,8 @@ def resolve_ds_config(
             f"{par.zero_stage}; make them agree"
         )
     zero["stage"] = stage
+    for key, value in zero_memory_defaults(par).items():
+        zero.setdefault(key, value)
     if par.pp > 1 and stage > 1:
         raise ConfigError(
             f"ZeRO stage {stage} is incompatible with pipeline parallelism (pp={par.pp})"
