@@ -12,14 +12,9 @@ from megaclip.data.transforms import (
     ClipTrainTransform,
     clip_transform,
 )
-from megaclip.data.webdataset import (
-    EpochPlan,
-    Sample,
-    ShardWriter,
-    SkipStats,
-    WebDataset,
-    plan_epoch_shards,
-)
+from megaclip.data.reader import EpochPlan, Sample, WebDataset, plan_epoch_shards
+from megaclip.data.stats import SkipStats
+from megaclip.data.writer import ShardWriter
 
 __all__ = [
     "CLIP_MEAN",

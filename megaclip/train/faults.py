@@ -39,7 +39,7 @@ from typing import Any, Literal, TextIO
 import torch
 import torch.distributed as dist
 
-from megaclip.data.webdataset import SkipStats
+from megaclip.data.stats import SkipStats
 from megaclip.errors import CheckpointError, ConfigError
 
 KILL_RANK_ENV = "MEGACLIP_FAULT_KILL_RANK"
