@@ -191,7 +191,7 @@ class _Reader:
         self.replay_failed: dict[int, int] = {}
         self.failed: dict[int, int] = {}
         self.needed: set[int] | None = None
-        self.in_window = 0
+        self.announced = 0
         if ds.mode == "epoch":
             plan = plan_epoch_shards(
                 len(ds.shards), stream.consumers, stream.consumer, ds.seed, stream.epoch,
@@ -224,7 +224,7 @@ class _Reader:
             replay is not None
         ) else None
         self.failed = {}
-        self.in_window = 0
+        self.announced = 0  # kept groups whose first header was read in this window
 
     def items(self, start: ReadPoint) -> Iterator[tuple[Item, ReadPoint]]:
         """(item, point after it) from ``start`` on, across shards, until the stream ends."""
@@ -242,8 +242,9 @@ class _Reader:
             def keep(g: int, shard: _Shard = shard, base: int = shared) -> bool:
                 return not shard.shared or (base + g) % n == c
 
-            def need(_g: int) -> bool:
-                return self.needed is None or self.in_window in self.needed
+            def need(_g: int) -> bool:  # called once per kept group, in order
+                k, self.announced = self.announced, self.announced + 1
+                return self.needed is None or k >= self.ds.window or k in self.needed
 
             try:
                 if stop is not None and stop <= first + 1:
@@ -252,7 +253,6 @@ class _Reader:
                     if stop is not None and number >= stop - 1:
                         raise _Stopped
                     got += 1
-                    self.in_window += 1
                     yield (key, members, shard.url), ReadPoint(j, number + 1, shared)
                 self._count(shard, "shards_read")
             except _Stopped:
