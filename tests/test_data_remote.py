@@ -103,8 +103,11 @@ def test_open_errors_name_the_source(tmp_path):
 def test_resume_inside_a_streamed_shard_is_exact(served, kind):
     """Non-seekable streams: the resume skips members by reading their headers."""
     d, base, _ = served
-    spec = (f"pipe:cat {d}/shard-{{0000..0002}}.tar" if kind == "pipe"
-            else f"{base}/shard-{{0000..0002}}.tar")
+    spec = (
+        f"pipe:cat {d}/shard-{{0000..0002}}.tar"
+        if kind == "pipe"
+        else f"{base}/shard-{{0000..0002}}.tar"
+    )
     for mode in ("epoch", "resampled"):
         want = take(make_stream(spec, mode=mode, workers=0, window=3, batch=2), 12)
         for k in (1, 3, 7):
@@ -123,19 +126,34 @@ def test_cli_counts_a_failing_command_and_an_unreachable_url(served):
 
     photos = make_photo_shards(str(d / "p"), 24, 2, seed=0)
     local = photos.replace("{000000..000001}", "000000")
-    spec = (
-        f"{base}/p/photo-000001.tar::pipe:cat {local}::{base}/p/gone.tar::pipe:cat {d}/gone.tar"
-    )
+    spec = f"{base}/p/photo-000001.tar::pipe:cat {local}::{base}/p/gone.tar::pipe:cat {d}/gone.tar"
     run = d / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     out = subprocess.run(
-        [sys.executable, "-m", "megaclip", "train", "model=demo", "data.kind=webdataset",
-         f"data.train={spec}", "data.mode=resampled", "parallel.dp=1",
-         "parallel.micro_batch_size=4", "train.steps=4", "train.log_every=1",
-         "data.max_skip_fraction=0.9",
-         "train.tensorboard=false", "zeroshot.data=", "deepspeed=null",
-         f"train.out_dir={run}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "megaclip",
+            "train",
+            "model=demo",
+            "data.kind=webdataset",
+            f"data.train={spec}",
+            "data.mode=resampled",
+            "parallel.dp=1",
+            "parallel.micro_batch_size=4",
+            "train.steps=4",
+            "train.log_every=1",
+            "data.max_skip_fraction=0.9",
+            "train.tensorboard=false",
+            "zeroshot.data=",
+            "deepspeed=null",
+            f"train.out_dir={run}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr

@@ -14,6 +14,7 @@ import io
 import os
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,9 +58,9 @@ def messy_shards(d: str) -> str:
                 else:
                     w.write_raw(key, {"png": _png(idx), "txt": caption_of(idx).encode()})
                 idx += 1
-    cut = os.path.join(d, "m-0003.tar")
-    data = open(cut, "rb").read()
-    open(cut, "wb").write(data[: data.index(b"k00026.png") + 700])
+    cut = Path(d) / "m-0003.tar"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: data.index(b"k00026.png") + 700])
     return os.path.join(d, "m-{0000..0004}.tar")
 
 
@@ -169,8 +170,14 @@ def test_stale_index_is_rebuilt(tmp_path):
     import megaclip.data.tarindex as ti
 
     index = ti.shard_index(path)
-    bogus = ti.TarIndex(index.size, index.mtime_ns, tuple(o + 512 for o in index.offsets),
-                        index.keys, index.end, None)
+    bogus = ti.TarIndex(
+        index.size,
+        index.mtime_ns,
+        tuple(o + 512 for o in index.offsets),
+        index.keys,
+        index.end,
+        None,
+    )
     ti._MEMO[path] = bogus  # a stale index that still matches size and mtime
     want = take(make_stream(spec, mode="epoch", workers=0, window=4, batch=2), 12)[6:]
     again = make_stream(spec, mode="epoch", workers=0, window=4, batch=2)
@@ -182,8 +189,9 @@ def test_layout_change_in_epoch_mode_neither_loses_nor_repeats(tmp_path, capsys)
     """Saved with dp=2 x 2 workers mid-epoch; resumed on dp=1 x 0 workers and dp=3 x 1: the
     rest of the epoch holds exactly the samples the saved run had not yet used."""
     spec, keys = write_shards(str(tmp_path), [9, 7, 8, 6, 10])
-    streams = [make_stream(spec, mode="epoch", workers=2, dp_rank=r, dp_size=2, batch=2)
-               for r in range(2)]
+    streams = [
+        make_stream(spec, mode="epoch", workers=2, dp_rank=r, dp_size=2, batch=2) for r in range(2)
+    ]
     used = [s for b in take(streams[0], 5) + take(streams[1], 3) for s in b]
     state = {"ranks": [s.state_dict() for s in streams]}
     for dp_size, workers in ((1, 0), (3, 1)):
@@ -212,8 +220,9 @@ def test_plan_resume_is_pure_and_covers_every_outstanding_stream():
         SavedRank(1, 2, 1, 4, 0, (None,), 0),
     ]
     plans = [plan_resume(saved, "epoch", r, 3, 1) for r in range(3)]
-    streams = sorted((x.stream.epoch, x.stream.consumer) for p in plans for w in p.workers
-                     for x in w)
+    streams = sorted(
+        (x.stream.epoch, x.stream.consumer) for p in plans for w in p.workers for x in w
+    )
     # rank 0 owes the rest of epoch 3 and all of epoch 4; rank 1 all of epoch 4
     assert streams == [(3, 0), (4, 0), (4, 1)]
     assert all(p.epoch == 4 and p.generation == 1 for p in plans)
@@ -221,8 +230,11 @@ def test_plan_resume_is_pure_and_covers_every_outstanding_stream():
     assert same.note is None and same.workers == (None,) and same.epoch == 4
     res = [SavedRank(r, 2, 1, 0, 0, ((u(0, r, 2),),), 0) for r in range(2)]
     p = plan_resume(res, "resampled", 0, 1, 3)
-    assert [w[0].stream for w in p.workers] == [StreamId(0, 0, 2), StreamId(0, 1, 2),
-                                                StreamId(0, 2, 3, 1)]
+    assert [w[0].stream for w in p.workers] == [
+        StreamId(0, 0, 2),
+        StreamId(0, 1, 2),
+        StreamId(0, 2, 3, 1),
+    ]
     assert "start new streams" in p.note
     unit = Unit(StreamId(1, 2, 4, 1), Cursor(3, 2, ReadPoint(5, 6, 7), 8, "a/k", ((1, 2),)))
     assert unit_from_dict(unit_to_dict(unit)) == unit

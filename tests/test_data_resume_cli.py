@@ -88,8 +88,9 @@ def check_same(tmp: Path, name: str) -> None:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize(("mode", "workers"), [("epoch", 0), ("epoch", 2), ("resampled", 0),
-                                               ("resampled", 2)])
+@pytest.mark.parametrize(
+    ("mode", "workers"), [("epoch", 0), ("epoch", 2), ("resampled", 0), ("resampled", 2)]
+)
 def test_exit_after_k_and_resume_sees_the_same_samples(tmp_path, photos, mode, workers):
     args = common(photos, mode, workers)
     name = f"{mode}{workers}"

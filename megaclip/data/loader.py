@@ -53,9 +53,9 @@ class _BatchStream(IterableDataset):
         self.starts: dict[int, WorkerStart] | None = None  # set by WebLoader.load_state_dict
         # transforms with a uint8 fast path: stack uint8 images, normalise the batch at once
         transform = dataset.transform
-        self._normalize = getattr(transform, "normalize", None) if getattr(
-            transform, "fast", False
-        ) else None
+        self._normalize = (
+            getattr(transform, "normalize", None) if getattr(transform, "fast", False) else None
+        )
         dataset.raw_pixels = self._normalize is not None
 
     def _images(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -93,7 +93,7 @@ class _BatchStream(IterableDataset):
         keys: list[str] = []
         skips = 0
         try:
-            for sample, units in self.dataset.iter_positions(units, stats, check=False):
+            for sample, units in self.dataset.iter_positions(start.units or (), stats, check=False):  # noqa: B020
                 if sample is None:
                     skips += 1
                     if skips >= self.batch_size:

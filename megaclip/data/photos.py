@@ -46,7 +46,13 @@ def photo_jpeg(photos: list[Image.Image], rng: random.Random, quality: int = 90)
 
 
 def make_photo_shards(
-    out_dir: str, samples: int, shards: int, *, seed: int = 0, quality: int = 90, prefix: str = "photo"
+    out_dir: str,
+    samples: int,
+    shards: int,
+    *,
+    seed: int = 0,
+    quality: int = 90,
+    prefix: str = "photo",
 ) -> str:
     """Write ``samples`` photo samples into ``shards`` tar shards; returns their brace spec."""
     os.makedirs(out_dir, exist_ok=True)

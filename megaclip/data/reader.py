@@ -45,8 +45,8 @@ from megaclip.data.position import (
 from megaclip.data.shardspec import resolve_shards
 from megaclip.data.sources import is_remote, open_shard
 from megaclip.data.stats import SkipStats
-from megaclip.data.tario import TarReadError, iter_tar_members
 from megaclip.data.tarindex import iter_groups, shard_index
+from megaclip.data.tario import TarReadError, iter_tar_members
 from megaclip.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,11 @@ class _Reader:
         self.announced = 0
         if ds.mode == "epoch":
             plan = plan_epoch_shards(
-                len(ds.shards), stream.consumers, stream.consumer, ds.seed, stream.epoch,
+                len(ds.shards),
+                stream.consumers,
+                stream.consumer,
+                ds.seed,
+                stream.epoch,
                 ds.shuffle_shards,
             )
             n, c = plan.num_consumers, plan.consumer
@@ -220,9 +224,11 @@ class _Reader:
         """Start reading a window: ``replay`` is the saved cursor when it is read again."""
         self.quiet = replay is not None
         self.replay_failed = dict(replay.failed) if replay is not None else {}
-        self.needed = set(window_order(self.tag, replay.window, self.ds.window)[replay.slot :]) if (
-            replay is not None
-        ) else None
+        self.needed = (
+            set(window_order(self.tag, replay.window, self.ds.window)[replay.slot :])
+            if (replay is not None)
+            else None
+        )
         self.failed = {}
         self.announced = 0  # kept groups whose first header was read in this window
 
@@ -522,7 +528,11 @@ class WebDataset(IterableDataset):
                         "stream %s: the shuffle window read again on resume holds %d sample(s) "
                         "from %r, %d from %r when saved: the shards changed, so the sample "
                         "sequence differs from the saved run's from here on",
-                        reader.tag, n, items[0][0] if n else None, cur.filled, cur.first_key,
+                        reader.tag,
+                        n,
+                        items[0][0] if n else None,
+                        cur.filled,
+                        cur.first_key,
                     )
                 if not n:
                     return

@@ -79,9 +79,14 @@ class PipeStream:
 
     def __init__(self, command: str) -> None:
         self.command = command
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # a file: a chatty command can't block
+        # a file, not a pipe: a command that writes much to stderr cannot block on it
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self._proc = subprocess.Popen(
-            command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL
+            command,
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            stdin=subprocess.DEVNULL,
         )
         assert self._proc.stdout is not None
         self._out = self._proc.stdout
@@ -107,9 +112,7 @@ class PipeStream:
         tail = self._stderr.read().decode("utf-8", errors="replace").strip()
         tail = " ".join(tail.split())[-_STDERR_TAIL:]
         what = f"exited with status {rc}" if rc else "printed nothing"
-        raise ShardOpenError(
-            f"command {self.command!r} {what}" + (f": {tail}" if tail else "")
-        )
+        raise ShardOpenError(f"command {self.command!r} {what}" + (f": {tail}" if tail else ""))
 
     def close(self) -> None:
         """Stop the command if it still runs (we may not read its whole output) and clean up."""

@@ -1,4 +1,4 @@
-"""Skip statistics of a data stream: usable samples, skipped samples and failed shards, by reason."""
+"""Skip statistics of a data stream: usable samples, skipped samples, failed shards, by reason."""
 
 from __future__ import annotations
 

@@ -161,9 +161,12 @@ class TrainStream:
             )
             for r in ranks
         ]
-        self.batches = int(next(
-            (r["batches"] for r in ranks if int(r["dp_rank"]) == ds.dp_rank), ranks[0]["batches"]
-        ))
+        self.batches = int(
+            next(
+                (r["batches"] for r in ranks if int(r["dp_rank"]) == ds.dp_rank),
+                ranks[0]["batches"],
+            )
+        )
         changed = [
             f"{k} {ranks[0]['settings'].get(k)!r} -> {v!r}"
             for k, v in mine.items()
@@ -192,7 +195,8 @@ class TrainStream:
             _say(plan.note)
             stats = [SkipStats() for _ in range(ld.consumers)]
             total = SkipStats.total(
-                stats_from_dict(r["finished"]) + SkipStats.total(stats_from_dict(s) for s in r["stats"])
+                stats_from_dict(r["finished"])
+                + SkipStats.total(stats_from_dict(s) for s in r["stats"])
                 for r in ranks
             )
             self.finished = total if ds.dp_rank == 0 else SkipStats()
@@ -222,11 +226,15 @@ def gather_state(stream: Any, group: Any = None) -> dict[str, Any] | None:
 class SyntheticStream:
     """Endless synthetic batches (megaclip.data.synthetic) whose generator state is saved."""
 
-    def __init__(self, cfg: SyntheticConfig, dp_rank: int = 0, seed_rank: int | None = None) -> None:
+    def __init__(
+        self, cfg: SyntheticConfig, dp_rank: int = 0, seed_rank: int | None = None
+    ) -> None:
         self.cfg = cfg
         self.dp_rank = dp_rank
         self.gen = torch.Generator(device="cpu")  # as synthetic_batches(cfg, seed_rank)
-        self.gen.manual_seed(int(cfg.seed) * 1_000_003 + int(dp_rank if seed_rank is None else seed_rank))
+        self.gen.manual_seed(
+            int(cfg.seed) * 1_000_003 + int(dp_rank if seed_rank is None else seed_rank)
+        )
         self.batches = 0
 
     def __iter__(self) -> SyntheticStream:
@@ -238,8 +246,12 @@ class SyntheticStream:
 
     def state_dict(self) -> dict[str, Any]:
         """The generator state and the batch count."""
-        return {"synthetic": True, "dp_rank": self.dp_rank, "batches": self.batches,
-                "generator": self.gen.get_state()}
+        return {
+            "synthetic": True,
+            "dp_rank": self.dp_rank,
+            "batches": self.batches,
+            "generator": self.gen.get_state(),
+        }
 
     def load_state_dict(self, record: dict[str, Any]) -> bool:
         """Continue after the saved batch; False when the record has none for this DP rank."""

@@ -175,7 +175,7 @@ def build_index(path: str) -> TarIndex:
 
 
 def index_dir() -> str:
-    """Directory of cached indexes: $MEGACLIP_TAR_INDEX_DIR or $XDG_CACHE_HOME/megaclip/tar-index."""
+    """Cache directory: $MEGACLIP_TAR_INDEX_DIR, or $XDG_CACHE_HOME/megaclip/tar-index."""
     explicit = os.environ.get(INDEX_DIR_ENV)
     if explicit:
         return explicit
@@ -217,7 +217,11 @@ def shard_index(path: str, *, rebuild: bool = False) -> TarIndex:
     """The TarIndex of a local shard: from memory, next to the shard, the cache dir, or a scan."""
     st = os.stat(path)
     memo = _MEMO.get(path)
-    if not rebuild and memo is not None and (memo.size, memo.mtime_ns) == (st.st_size, st.st_mtime_ns):
+    if (
+        not rebuild
+        and memo is not None
+        and (memo.size, memo.mtime_ns) == (st.st_size, st.st_mtime_ns)
+    ):
         return memo
     index = None
     if not rebuild:

@@ -1,4 +1,4 @@
-"""Write webdataset shards: numbered tar files of key groups, each renamed into place when complete."""
+"""Write webdataset shards: numbered tar files of key groups, renamed into place when complete."""
 
 from __future__ import annotations
 

@@ -351,7 +351,9 @@ class TrainHooks:
 
         data = gather_state(getattr(self, "data_stream", None), self.engine.topo.dp_group)
         path = self.engine.save(
-            str(self.ckpt_dir), {"next_step": step, "data": data}, keep_last=self.cfg.train.keep_last
+            str(self.ckpt_dir),
+            {"next_step": step, "data": data},
+            keep_last=self.cfg.train.keep_last,
         )
         if dist.get_rank() == 0:
             progress.write(f"step {step:>6}  saved {path}")
