@@ -42,7 +42,10 @@ setup(
             "hypothesis>=6",
             "open_clip_torch>=2.24",
             "scikit-learn>=1.3",
+            "webdataset>=0.2",  # benchmarks/data_throughput.py: open_clip's data pipeline
         ],
+        # remote shards: s3://, gs://, hf:// ... through fsspec (http(s) and pipe: need nothing)
+        "remote": ["fsspec>=2023.1", "s3fs>=2023.1"],
         "demo": ["scikit-learn>=1.3", "pillow>=9"],
         "dev": ["ruff==0.17.6"],  # pinned: format output differs between releases
         "plot": ["matplotlib>=3.7"],
