@@ -149,6 +149,12 @@ def rank_pids(launcher: int) -> list[int]:
     ]
 
 
+def children(pids: list[int]) -> list[int]:
+    """Processes whose parent is one of ``pids`` (the ranks' DataLoader workers)."""
+    want = set(pids)
+    return [pid for pid, (ppid, _) in _proc_table().items() if ppid in want]
+
+
 def rss_mib(pid: int) -> float | None:
     """Resident memory of ``pid`` in MiB (None if it is gone)."""
     try:
@@ -398,8 +404,9 @@ def watch(
             if len(ranks) < nproc:
                 ranks = rank_pids(proc.pid)
             rss = [rss_mib(pid) for pid in ranks]
-            if len(ranks) == nproc and None not in rss:
-                samples.append((now - t0, sum(rss)))
+            if len(ranks) == nproc and None not in rss:  # + the ranks' DataLoader workers
+                workers = [rss_mib(pid) for pid in children(ranks)]
+                samples.append((now - t0, sum(rss) + sum(w for w in workers if w is not None)))
             next_sample = now + 1.0
         time.sleep(0.05)
     return ranks

@@ -30,6 +30,12 @@ from tests.mp_util import REPO
 from tests.test_data_resume import make_stream, take
 
 
+@pytest.fixture(autouse=True)
+def _index_cache(tmp_path, monkeypatch):
+    """Tar indexes of the test shards go to the test's directory, not ~/.cache."""
+    monkeypatch.setenv("MEGACLIP_TAR_INDEX_DIR", str(tmp_path / "tar-index"))
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep the test output clean
         pass

@@ -37,6 +37,12 @@ from megaclip.data.writer import ShardWriter
 from tests.data_util import caption_of, fake_tokenizer, tiny_image, write_shards
 
 
+@pytest.fixture(autouse=True)
+def _index_cache(tmp_path, monkeypatch):
+    """Tar indexes of the test shards go to the test's directory, not ~/.cache."""
+    monkeypatch.setenv("MEGACLIP_TAR_INDEX_DIR", str(tmp_path / "tar-index"))
+
+
 def _png(i: int) -> bytes:
     buf = io.BytesIO()
     tiny_image(i, (9, 7)).save(buf, format="PNG")

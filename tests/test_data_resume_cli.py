@@ -46,7 +46,11 @@ def common(spec: str, mode: str, workers: int) -> list[str]:
 
 
 def run(args: list[str], out: Path, trace: Path, env: dict | None = None, check: bool = True):
-    full = {"MEGACLIP_DATA_TRACE": str(trace), **(env or {})}
+    full = {
+        "MEGACLIP_DATA_TRACE": str(trace),
+        "MEGACLIP_TAR_INDEX_DIR": str(out.parent / "tar-index"),
+        **(env or {}),
+    }
     cmd = ["-m", "megaclip", "train", *args, f"train.out_dir={out}"]
     if check:
         return torchrun(2, *cmd, timeout=300, env=full)
