@@ -284,3 +284,24 @@ def test_tar_member_offsets_and_index(tmp_path):
         first = {m.name.split(".")[0]: m.offset for m in tf.getmembers()[::-1]}
     assert index.offsets == tuple(first[k] for k in keys)
     assert shard_index(path) == index
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_index_offsets_include_extended_headers(tmp_path, fmt):
+    """Long member names (GNU 'L' / pax 'x' headers): a group starts at its extended header."""
+    from megaclip.data.tarindex import build_index
+
+    path = tmp_path / "long.tar"
+    depth = 1 if fmt == tarfile.USTAR_FORMAT else 2
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i in range(4):
+            for ext in ("txt", "png"):
+                info = tarfile.TarInfo(("d" * 60 + "/") * depth + f"k{i}.{ext}")
+                info.size = 100 + i
+                tf.addfile(info, io.BytesIO(b"x" * info.size))
+    with tarfile.open(path) as tf:
+        first: dict[str, int] = {}
+        for m in tf.getmembers():
+            first.setdefault(m.name.rsplit(".", 1)[0], m.offset)
+    index = build_index(str(path))
+    assert index.offsets == tuple(first.values()) and index.keys == tuple(first)
