@@ -88,7 +88,8 @@ def test_short_two_process_run_learns_and_evaluates(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 8
-    assert losses[-1] < 0.8 * losses[0], losses
+    # 0.85: the margin depends on the sample order (issue 14 changed it: shuffle windows)
+    assert losses[-1] < 0.85 * losses[0], losses
     zeroshot = [r for r in records if "zeroshot_top1" in r]
     assert [r["step"] for r in zeroshot] == [20, 40]
     assert zeroshot[-1]["zeroshot_top1"] > 0.2  # chance is 0.1
