@@ -629,9 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = (
         not summary["failures"]
         and summary["orphaned_ranks_after_kill"] == 0
-        and summary["batches_lost"] == 0
-        and summary["batches_duplicated"] == 0
-        and summary["batches_out_of_place"] == 0
+        and summary.get("batches_lost", 0) == 0
+        and summary.get("batches_duplicated", 0) == 0
+        and summary.get("batches_out_of_place", 0) == 0
         and summary.get("loss_steps_differing_gt_1e-6", 0) == 0
         and summary.get("samples_lost", 0) == 0
         and summary.get("samples_duplicated", 0) == 0
