@@ -51,6 +51,7 @@ from megaclip.bench.harness import (
 from megaclip.bench.peak import device_peak, probe_matmul
 from megaclip.config.model import resolve_model
 from megaclip.model.flops import model_cost
+from megaclip.parallel import collectives
 
 
 def instrument(engine, counter: CommCounter | None) -> dict[str, Timer]:
@@ -117,7 +118,7 @@ def run_throughput(
         counter.reset()
     rss_before = current_rss_bytes()
     results = []
-    dist.barrier()
+    collectives.barrier()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     if counter is not None:
         with counter.recording():
@@ -140,7 +141,7 @@ def run_throughput(
     pp_wait_s = comm_s.get("pp", 0.0)  # every collective on the pipeline group, per step
     step_times = [r.step_time for r in results]
     mean_step = sum(step_times) / len(step_times)
-    dist.barrier()  # every rank probes at the same time, as it trained
+    collectives.barrier()  # every rank probes at the same time, as it trained
     peak = device_peak(
         par.precision, engine.device, probe_size=probe_size, probe_repeats=probe_repeats
     )
@@ -173,8 +174,7 @@ def run_throughput(
         "probe_tflops": probes,
         "wall_s": wall,
     }
-    everyone: list[dict[str, Any]] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(everyone, mine)
+    everyone: list[dict[str, Any]] = collectives.all_gather_object(mine)
     if rank != 0:
         return None
     return summarize(spec, cfg, par, everyone, results[-1])

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megaclip.bench.comm import CommCounter, totals
 from megaclip.bench.harness import BenchSpec, build_engine, quiet_deepspeed, step_batches
 from megaclip.config.model import resolve_model
+from megaclip.parallel import collectives
 
 
 def _setup(spec: BenchSpec):
@@ -119,7 +120,7 @@ def steps_worker(spec: BenchSpec, counter: CommCounter) -> dict[str, Any]:
         engine.train_step(next(batches))
     counter.reset()
     times = []
-    dist.barrier()
+    collectives.barrier()
     cpu0 = time.process_time()
     with counter.recording():
         for _ in range(spec.steps):

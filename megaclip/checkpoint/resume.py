@@ -43,6 +43,7 @@ from megaclip.checkpoint.meta import (
 )
 from megaclip.checkpoint.reader import load_file, rank_state_file
 from megaclip.errors import CheckpointError
+from megaclip.parallel import collectives
 from megaclip.parallel.runtime import rng_state, set_rng_state
 
 UNIVERSAL_SUBDIR = "universal"
@@ -85,7 +86,7 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
             box = [fn(), None]
         except (CheckpointError, OSError) as err:
             box = [None, f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)]
-    dist.broadcast_object_list(box, src=0)
+    box = collectives.broadcast_object(box, src=0)  # the host (gloo) group
     if box[1] is not None:
         raise CheckpointError(box[1])
     return box[0]
@@ -133,10 +134,10 @@ def save_checkpoint(
         rank_file,
     )
     fsync_path(rank_file)
-    dist.barrier()
+    collectives.barrier()
     if _local_leader():
         fsync_tree(tmp)  # the data of every process of this node
-    dist.barrier()
+    collectives.barrier()
 
     def publish() -> None:
         fault_point("files", True)

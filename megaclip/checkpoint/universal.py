@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megaclip.checkpoint import mmap_io
 from megaclip.checkpoint.atomic import fsync_tree
@@ -40,6 +39,7 @@ from megaclip.checkpoint.reader import (
 from megaclip.config.model import ClipConfig, model_from_dict
 from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError, ConfigError
+from megaclip.parallel import collectives
 from megaclip.parallel.layers import partition_of
 from megaclip.parallel.shapes import shard
 
@@ -373,5 +373,4 @@ def apply_full_state(
                 state[key].copy_(local[key].to(param.device).view_as(param))
     if mine:
         raise CheckpointError(f"the checkpoint holds no value for parameter {sorted(mine)[0]}")
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()

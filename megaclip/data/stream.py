@@ -212,15 +212,9 @@ def gather_state(stream: Any, group: Any = None) -> dict[str, Any] | None:
     ``stream`` has no state."""
     if not hasattr(stream, "state_dict"):
         return None
-    mine = stream.state_dict()
-    import torch.distributed as dist
+    from megaclip.parallel.collectives import all_gather_object
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        ranks: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(ranks, mine, group=group)
-    else:
-        ranks = [mine]
-    return {"ranks": ranks}
+    return {"ranks": all_gather_object(stream.state_dict(), group)}
 
 
 class SyntheticStream:

@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import sys
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +29,51 @@ def device() -> torch.device:
     if acc.device_name() == "cpu":
         return torch.device("cpu")
     return torch.device(acc.device_name(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pin_memory_default() -> bool:
+    """Whether host batches should be pinned: only when the accelerator is not the CPU (pinned
+    pages make host-to-device copies asynchronous; on CPU they only cost locked memory)."""
+    return device().type != "cpu"
+
+
+def host_to_device(
+    batches: Sequence[tuple[torch.Tensor, ...]], dev: torch.device
+) -> list[tuple[torch.Tensor, ...]]:
+    """Copy each micro-batch's tensors to ``dev`` without blocking the host.
+
+    From pinned memory (the loader pins when :func:`pin_memory_default`) the copies overlap
+    with the host's work; the stream orders them before the kernels that read them.
+    """
+    return [tuple(t.to(dev, non_blocking=True) for t in mb) for mb in batches]
+
+
+def tf32_enabled_by_env() -> bool:
+    """TF32 for fp32 matmuls unless MEGACLIP_TF32=0 (exactness checks against fp32 references)."""
+    return os.environ.get("MEGACLIP_TF32", "1") != "0"
+
+
+def configure_backends(precision: str) -> dict[str, bool]:
+    """The one place that sets torch's matmul and attention backends for a run; returns them.
+
+    - fp32: TF32 tensor cores for matmuls and convolutions (``allow_tf32``; the default is off
+      in torch), unless MEGACLIP_TF32=0;
+    - every precision: SDPA's flash and memory-efficient kernels allowed (they serve bf16 and
+      fp16; megaclip's attention calls ``F.scaled_dot_product_attention`` with ``is_causal``
+      and no mask, which both kernels accept), the math fallback kept.
+    Harmless on a CPU-only build (the flags are global switches).
+    """
+    tf32 = precision == "fp32" and tf32_enabled_by_env()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.enable_flash_sdp(True)
+    torch.backends.cuda.enable_mem_efficient_sdp(True)
+    torch.backends.cuda.enable_math_sdp(True)
+    return {
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "flash_sdp": bool(torch.backends.cuda.flash_sdp_enabled()),
+        "mem_efficient_sdp": bool(torch.backends.cuda.mem_efficient_sdp_enabled()),
+    }
 
 
 def rng_state() -> dict[str, Any]:
@@ -122,9 +168,11 @@ def clean_exit(code: int = 0) -> None:
     exception", about 1 run in 10); skipping teardown after a barrier avoids it.
     """
     if dist.is_initialized():
+        from megaclip.parallel.collectives import barrier
+
         # A peer already gone must not turn this rank's success into a failure.
         with contextlib.suppress(Exception):
-            dist.barrier()
+            barrier()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

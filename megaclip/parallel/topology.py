@@ -3,16 +3,25 @@
 Rank order (both libraries agree; checked at start-up): TP fastest, then DP, then PP, i.e.
 ``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank``. Code that needs a group receives it
 from a :class:`Topology` object; nothing else reads megatron's globals.
+
+The host group: besides the TP / DP / PP groups (the accelerator's backend: NCCL on GPUs), the
+Topology creates, once per world, one gloo group over all ranks for bookkeeping
+(``Topology.host_group``; :func:`megaclip.parallel.collectives.create_host_group`). Barriers
+and pickled objects (data positions, checkpoint tags, peer lists, benchmark results) go over
+it, so they touch no device memory and are not subject to NCCL's watchdog while a rank does
+long host work. It is None where the default backend is gloo already (CPU runs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
 from megaclip.config.parallel import ParallelConfig
 from megaclip.errors import ConfigError
+from megaclip.parallel.collectives import create_host_group
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class Topology:
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
+        # one gloo group over all ranks for bookkeeping (see the module docstring)
+        self.host_group = create_host_group(timedelta(minutes=timeout_minutes))
         self._check_agreement()
 
     def _check_agreement(self) -> None:

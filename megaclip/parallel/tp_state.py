@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from megaclip.parallel.collectives import all_gather_list
 from megaclip.parallel.layers import partition_of
 from megaclip.parallel.shapes import unshard
 
@@ -27,9 +28,7 @@ def gather_full(
         if dim is None or size == 1:
             out[name] = value.clone()
             continue
-        parts = [torch.empty_like(value) for _ in range(size)]
-        dist.all_gather(parts, value, group=tp_group)
-        out[name] = unshard(parts, dim, stride)
+        out[name] = unshard(all_gather_list(value, tp_group), dim, stride)
     return out
 
 

@@ -20,24 +20,32 @@ checkpointing for many micro-batches); PP > 1 runs the forward twice (about +1/3
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.config.train import OptimConfig
 from megaclip.loss.contrastive import clip_loss
 from megaclip.model.naming import strip_prefix
-from megaclip.parallel.runtime import accelerator, device, rng_state, set_rng_state
+from megaclip.parallel import collectives
+from megaclip.parallel.runtime import (
+    accelerator,
+    configure_backends,
+    device,
+    host_to_device,
+    rng_state,
+    set_rng_state,
+)
 from megaclip.parallel.topology import Topology
 from megaclip.pipeline.stages import cached_grad_loss, split_outputs
 from megaclip.train.build import build_module
 from megaclip.train.ds_config import resolve_ds_config
-from megaclip.train.optim import build_optimizer, lr_at, param_groups
+from megaclip.train.optim import build_optimizer, fuse_overflow_check, lr_at, param_groups
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images [b, C, H, W], tokens [b, L]
 
@@ -109,6 +117,7 @@ class ClipEngine:
         import deepspeed
 
         par.check_model(model_cfg)
+        configure_backends(par.precision)  # TF32 for fp32 matmuls, SDPA's fused kernels
         self.cfg, self.par, self.topo, self.optim_cfg = model_cfg, par, topo, optim
         self.loss_chunk_size, self.loss_mode = loss_chunk_size, loss_mode
         self.ds_config = resolve_ds_config(ds_config, par, gradient_clipping=optim.grad_clip)
@@ -144,6 +153,8 @@ class ClipEngine:
             mpu=topo.mpu() if par.pp == 1 and par.tp > 1 else None,
             dist_init_required=False,
         )
+        # fp16/bf16 ZeRO-0: DeepSpeed's overflow scan reads one flag per tensor; make it one
+        fuse_overflow_check(self.engine.optimizer)
         self.device = device()
         self.step_count = 0
         self.pipeline_schedule = par.pipeline_schedule
@@ -162,6 +173,7 @@ class ClipEngine:
         return lr_at(step, 1.0, o.warmup_steps, o.total_steps, o.min_lr / o.lr)
 
     def _sync(self) -> None:
+        """Timing only: wait for the device once at the start of a step (no-op on CPU)."""
         acc = accelerator()
         if acc.device_name() != "cpu":
             acc.synchronize()
@@ -188,7 +200,8 @@ class ClipEngine:
         return out, img.grad, txt.grad, scale.grad
 
     def _metrics(self, out, scale: torch.Tensor, src_last_stage: bool) -> torch.Tensor:
-        vals = torch.zeros(4, dtype=torch.float64)
+        """[loss, log scale, i2t top-1, t2i top-1] on the device (zeros off the last stage)."""
+        vals = torch.zeros(4, dtype=torch.float64, device=self.device)
         if src_last_stage:
             vals = torch.stack(
                 [
@@ -209,9 +222,9 @@ class ClipEngine:
                 f"train_step needs {self.par.grad_accum_steps} micro-batches, "
                 f"got {len(micro_batches)}"
             )
-        batches = [(i.to(self.device), t.to(self.device)) for i, t in micro_batches]
         self._sync()
         t0 = time.perf_counter()
+        batches = host_to_device(micro_batches, self.device)  # non-blocking from pinned memory
         skipped_before = self.engine.skipped_steps
         if self.par.pp == 1:
             metrics, t_feat = self._step_plain(batches)
@@ -219,19 +232,22 @@ class ClipEngine:
             metrics, t_feat = self._step_pipeline_global(batches)
         else:
             metrics, t_feat = self._step_pipeline_gradcache(batches)
-        self._sync()
-        t_end = time.perf_counter()
         lr = self.engine.get_lr()[0] if hasattr(self.engine, "get_lr") else float("nan")
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
+        if isinstance(norm, torch.Tensor):  # read back with the metrics: one transfer
+            metrics = torch.cat([metrics, norm.detach().reshape(1).to(metrics)])
+        values = metrics.tolist()  # the step's one device-to-host read (waits for the step)
+        t_end = time.perf_counter()
+        loss, scale, a_i2t, a_t2i = values[:4]
+        if isinstance(norm, torch.Tensor):
+            norm = values[4]
         self.step_count += 1
-        loss, scale, a_i2t, a_t2i = metrics.tolist()
         return StepResult(
             step=self.step_count,
             loss=loss,
-            logit_scale=float(torch.tensor(scale).exp()),
+            logit_scale=math.exp(scale),
             lr=lr,
-            grad_norm=norm,
+            grad_norm=float(norm) if norm is not None else None,
             acc_i2t=a_i2t,
             acc_t2i=a_t2i,
             samples=self.par.global_batch_size,
@@ -299,7 +315,7 @@ class ClipEngine:
         """One pipelined pass: m forwards, the global loss, m backwards (GlobalLossSchedule)."""
         b, e = batches[0][0].shape[0], self.cfg.embed_dim
         dummy = torch.zeros(b, 2 * e + 1, device=self.device)
-        self._step_metrics = torch.zeros(4, dtype=torch.float64)
+        self._step_metrics = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._t_global_loss = time.perf_counter()
         loss_fn = self.last_stage_loss
         loss_fn.collected, loss_fn.detach = [], False
@@ -308,8 +324,8 @@ class ClipEngine:
         finally:
             loss_fn.collected = None
         metrics = self._step_metrics
-        src = dist.get_process_group_ranks(self.topo.pp_group)[-1]
-        dist.broadcast(metrics, src=src, group=self.topo.pp_group)
+        pp = self.topo.pp_group
+        collectives.broadcast(metrics, collectives.last_rank(pp), pp)  # on the device
         return metrics, self._t_global_loss
 
     def _step_pipeline_gradcache(self, batches: list[MicroBatch]):
@@ -330,14 +346,14 @@ class ClipEngine:
             loss_fn.collected = None
         set_rng_state(rng)  # the second forward replays the same random patch dropout
         cached = [dummy] * accum
-        metrics = torch.zeros(4, dtype=torch.float64)
+        metrics = torch.zeros(4, dtype=torch.float64, device=self.device)
         if last:
             cached, metrics = self._cached_grads(feats)
         t_feat = time.perf_counter()
         engine.train_batch(iter([(mb, g) for mb, g in zip(batches, cached)]))
-        # Every rank reports the same numbers: broadcast them from the last stage.
-        src = dist.get_process_group_ranks(self.topo.pp_group)[-1]
-        dist.broadcast(metrics, src=src, group=self.topo.pp_group)
+        # Every rank reports the same numbers: broadcast them from the last stage (on the device).
+        pp = self.topo.pp_group
+        collectives.broadcast(metrics, collectives.last_rank(pp), pp)
         return metrics, t_feat
 
     # ---------------------------------------------------------------- inference
@@ -352,7 +368,7 @@ class ClipEngine:
         elsewhere).
         """
         engine = self.engine
-        batches = [(i.to(self.device), t.to(self.device)) for i, t in batches]
+        batches = host_to_device(batches, self.device)
         was_training = engine.module.training
         try:
             if self.par.pp == 1:

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megaclip.data.stats import SkipStats
 from megaclip.errors import CheckpointError, ConfigError
+from megaclip.parallel import collectives
 
 KILL_RANK_ENV = "MEGACLIP_FAULT_KILL_RANK"
 KILL_STEP_ENV = "MEGACLIP_FAULT_KILL_STEP"
@@ -268,8 +269,8 @@ def skip_record(tally: SkipTally | None, dp_group: dist.ProcessGroup | None) -> 
         return {}
     s = tally.total
     counts = torch.tensor([s.ok, s.skipped + s.shard_errors, s.shard_errors], dtype=torch.int64)
-    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(counts, group=dp_group)
+    if dp_group is not None:
+        counts = collectives.host_all_reduce(counts, "sum", dp_group)  # device and back
     ok, skipped, shard_errors = (int(v) for v in counts.tolist())
     seen = ok + skipped
     return {
@@ -534,8 +535,7 @@ class TrainingGuard:
     def __enter__(self) -> TrainingGuard:
         if self.world > 1:
             me = Peer(self.rank, socket.gethostname(), os.getpid())
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, me)
+            gathered = collectives.all_gather_object(me)  # the host (gloo) group
             self.peers = [p for p in gathered if p.rank != self.rank]
             if self.watchdog_limit_s is not None:
                 self._watchdog = threading.Thread(

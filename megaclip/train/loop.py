@@ -18,7 +18,8 @@ from megaclip.checkpoint.atomic import read_latest
 from megaclip.config.train import RunConfig, ZeroShotSection, run_config_to_dict
 from megaclip.errors import ConfigError, NumericalError
 from megaclip.model.flops import model_cost
-from megaclip.parallel.runtime import init_distributed
+from megaclip.parallel import collectives
+from megaclip.parallel.runtime import init_distributed, pin_memory_default
 from megaclip.parallel.topology import Topology
 from megaclip.train.ds_config import load_ds_config, resolve_ds_config
 from megaclip.train.engine import ClipEngine, StepResult
@@ -79,6 +80,7 @@ def micro_batch_stream(
         train=True,
         shuffle_buffer=cfg.data.shuffle_buffer,
         max_skip_fraction=cfg.data.max_skip_fraction,
+        pin_memory=pin_memory_default(),  # only when the accelerator is not the CPU
     )
     # epoch mode: each rank cycles its own share (ranks may hold unequal counts)
     stream = TrainStream(
@@ -399,7 +401,7 @@ class TrainHooks:
                 from megaclip.checkpoint.export import export_open_clip
 
                 export_open_clip(self.ckpt_dir, export, fp32_master=True)
-            dist.barrier()
+            collectives.barrier()  # host group: rank 0's export may take minutes
         if dist.get_rank() != 0:
             return None
         summary = {

@@ -41,31 +41,60 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def non_finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 when any element of ``tensors`` is NaN or infinite, else 0.0: a 0-dim float32 tensor
+    on their device, from one fused reduction (no host synchronisation).
+
+    Per-tensor L1 norms (``torch._foreach_norm``, accumulated in float32) then one sum: NaN and
+    infinity propagate through sums, so the sum is finite exactly when every element is (a sum
+    above float32's range, ~3e38, also counts as non-finite: such gradients are unusable).
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(tensors, ord=1, dtype=torch.float32)
+    total = torch.stack([n.to(tensors[0].device) for n in norms]).sum()
+    return (~torch.isfinite(total)).float()
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips the whole step when any gradient on any rank is non-finite.
 
-    For engines that call the optimizer directly (ZeRO-0). It sets ``overflow`` the way
+    For engines that call the optimizer directly (ZeRO-0 in fp32). It sets ``overflow`` the way
     DeepSpeed's own optimizers do, so the engine counts the skipped step and does not advance
-    the learning-rate schedule. ZeRO-1/2/3 and bf16 optimizers run their own check.
+    the learning-rate schedule. ZeRO-1/2/3 and bf16 optimizers run their own check. The check
+    is one fused reduction, one all-reduce (on the gradients' device) and one host read per
+    step, whatever the number of parameters.
     """
 
     overflow = False
 
     def step(self, closure=None):  # type: ignore[override]
-        import torch.distributed as dist
+        from megaclip.parallel import collectives
 
-        bad = any(
-            p.grad is not None and not bool(torch.isfinite(p.grad).all())
-            for group in self.param_groups
-            for p in group["params"]
-        )
-        flag = torch.tensor([1.0 if bad else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        flag = non_finite_flag([g for g in grads if g is not None])
+        collectives.all_reduce(flag, "max")  # every rank skips together
         self.overflow = bool(flag.item())
         if self.overflow:
             return None
         return super().step(closure)
+
+
+def fuse_overflow_check(ds_optimizer) -> bool:
+    """Replace the per-parameter overflow scan of DeepSpeed's fp16/bf16 ZeRO-0 optimizer wrapper
+    (``CheckOverflow.has_overflow_serial``: one host read per parameter) by
+    :func:`non_finite_flag` (one); its all-reduce logic is kept. Whether it applied.
+    """
+    checker = getattr(ds_optimizer, "overflow_checker", None)
+    if checker is None or not hasattr(checker, "has_overflow_serial"):
+        return False
+
+    def has_overflow_serial(params) -> bool:
+        grads = [p.grad.data for p in params if p.grad is not None]
+        return bool(non_finite_flag(grads).item())
+
+    checker.has_overflow_serial = has_overflow_serial
+    return True
 
 
 def build_optimizer(

@@ -16,11 +16,11 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from megaclip.config.train import ZeroShotSection
 from megaclip.errors import DataError
+from megaclip.parallel import collectives
 
 
 def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -79,7 +79,7 @@ def engine_zeroshot(clip_engine, tokenizer, zs: ZeroShotSection) -> dict[str, fl
         chunk = list(itertools.islice(mine, per_call))
         # Stop together: a rank out of passes must still join its peers' collectives.
         done.fill_(0.0 if chunk else 1.0)
-        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=topo.dp_group)
+        collectives.all_reduce(done, "min", topo.dp_group)
         if done.item() == 1.0:
             break
         real = len(chunk)
@@ -108,17 +108,16 @@ def _score(clip_engine, sums, n_templates: int, img_feats, labels) -> dict[str, 
     stats = torch.zeros(3, dtype=torch.float64, device=dev)  # top-1 hits, top-5 hits, images
     if topo.is_last_stage:
         sums = sums.to(dev)
-        dist.all_reduce(sums, group=topo.dp_group)
+        collectives.all_reduce(sums, "sum", topo.dp_group)
         classifier = F.normalize(sums / n_templates, dim=-1).T  # [E, C]
         if img_feats:
             feats, lab = torch.cat(img_feats).to(dev), torch.cat(labels).to(dev)
             top = (feats @ classifier).topk(min(5, num_classes), dim=1).indices
             hits = top == lab.unsqueeze(1)
             stats[0], stats[1], stats[2] = hits[:, 0].sum(), hits.any(dim=1).sum(), len(lab)
-        dist.all_reduce(stats, group=topo.dp_group)
+        collectives.all_reduce(stats, "sum", topo.dp_group)
     if clip_engine.par.pp > 1:
-        src = dist.get_process_group_ranks(topo.pp_group)[-1]
-        dist.broadcast(stats, src=src, group=topo.pp_group)
+        collectives.broadcast(stats, collectives.last_rank(topo.pp_group), topo.pp_group)
     top1, top5, n = stats.tolist()
     if n == 0:
         raise DataError("the zero-shot evaluation data holds no sample")
