@@ -15,6 +15,14 @@ layout and budget. Prints one JSON line:
     model, layout, steps_ok, resume_ok, peak_gib_per_rank, planned_gib_per_rank, ratio_max,
     convert_peak_gib, export_gib, open_clip_strict_load (+ per-phase peaks, timings)
 
+``--bench``: instead, the in-process throughput benchmark of the same model and layout
+(``megaclip bench``: synthetic data, no checkpoint, no export) with samples/s, MFU against the
+device's peak and peak memory per rank next to the planner's prediction (device memory on a
+GPU). The form for one GPU and the biggest preset (ViT-G-14 = open_clip's ViT-bigG-14):
+
+    python benchmarks/real_scale.py --model ViT-G-14 --layout dp1-zero1 --bench --recompute \
+        --micro-batch 32 --steps 5
+
 Run it alone on the machine (it uses most of the memory):
 
     python benchmarks/real_scale.py --model ViT-L-14 --layout dp2-zero3
@@ -173,6 +181,10 @@ def main() -> None:
     p.add_argument("--out", default="runs/real_scale")
     p.add_argument("--set", nargs="*", default=[], help="extra train key=value settings")
     p.add_argument("--keep", action="store_true", help="keep the run directory")
+    p.add_argument(
+        "--bench", action="store_true", help="throughput only (megaclip bench), no checkpoints"
+    )
+    p.add_argument("--warmup", type=int, default=2, help="--bench: untimed warm-up steps")
     args = p.parse_args()
 
     from megaclip.config.model import resolve_model
@@ -198,6 +210,9 @@ def main() -> None:
         activation_checkpointing=args.recompute,
     )
     ds = resolve_ds_config({}, par, gradient_clipping=0.0)  # what `deepspeed=null` runs with
+    if args.bench:
+        bench(args, layout, cfg, par, ds, out)
+        return
     planned = [r.peak / GIB for r in rank_peaks(cfg, par, host=True, ds=ds)]
 
     rc1, sampled1, t1 = train(args, layout, run, args.steps, out / "train.log")
@@ -268,6 +283,59 @@ def main() -> None:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
         export.unlink(missing_ok=True)
         (run / "final_open_clip.pt").unlink(missing_ok=True)
+
+
+def bench(args, layout: dict[str, int], cfg, par, ds, out: Path) -> None:
+    """--bench: `megaclip bench` of the model and layout; its speed and memory vs the plan."""
+    from megaclip.perf.memory import rank_peaks
+
+    cmd = [sys.executable, "-m", "megaclip.cli.main", "bench", "--model", args.model]
+    for key in ("tp", "pp", "dp", "zero"):
+        cmd += [f"--{key}", str(layout[key])]
+    cmd += ["--precision", args.precision, "--micro-batch", str(args.micro_batch)]
+    cmd += ["--accum", str(args.accum), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--recompute"] if args.recompute else []
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    t0 = time.perf_counter()
+    with open(out / "bench.log", "w") as log:
+        proc = subprocess.run(
+            [*cmd, "--json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (out / "bench.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"megaclip bench failed (exit {proc.returncode}):\n{tail}")
+    r = json.loads(lines[-1])
+    gpu = r["peak_memory_kind"] != "max_rss"
+    planned = [x.peak / GIB for x in rank_peaks(cfg, par, host=not gpu, ds=ds)]
+    peaks = [b / GIB for b in r["peak_memory_bytes_per_rank"]]
+    result = {
+        "model": args.model,
+        "layout": args.layout + ("-ckpt" if args.recompute else ""),
+        "precision": args.precision,
+        "micro_batch": args.micro_batch,
+        "accum": args.accum,
+        "global_batch": par.global_batch_size,
+        "device": r["device"],
+        "steps": r["steps"],
+        "step_time_s": round(r["step_time_s"], 4),
+        "samples_per_s": round(r["samples_per_s"], 2),
+        "samples_per_s_per_device": round(r["samples_per_s_per_device"], 2),
+        "model_tflops_per_device": round(r["model_tflops_per_device"], 2),
+        "mfu": round(r["mfu"], 4),
+        "hfu": round(r["hfu"], 4),
+        "peak_tflops_per_device": r["peak_tflops_per_device"],
+        "peak_source": r["peak_source"],
+        "peak_memory_kind": r["peak_memory_kind"],
+        "peak_gib_per_rank": [round(x, 3) for x in peaks],
+        "planned_gib_per_rank": [round(x, 3) for x in planned],
+        "ratio_max": round(max(m / p for m, p in zip(peaks, planned)), 3) if planned else None,
+        "loss": r["loss"],
+        "bench_s": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(result), flush=True)
+    with open(REPO / args.out / "results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
 
 
 def _memory(run: Path) -> list[dict]:

@@ -1,7 +1,7 @@
 """megaclip vs open_clip: the same CLIP, batch and precision, one process, alternating steps.
 
     python benchmarks/vs_open_clip.py --model ViT-B-32 --batch 8 --precision fp32,bf16 \
-        --steps 5 [--profile] [--json FILE]
+        --steps 5 [--device cuda] [--profile] [--json FILE]
 
 megaclip side: ClipModel + megaclip.loss.clip_loss + torch AdamW. open_clip side: open_clip's
 CLIP of the same architecture (megaclip.checkpoint.openclip.open_clip_model) with megaclip's
@@ -17,6 +17,11 @@ optimizer, and MFU = 6 x MACs x batch / step time / peak, where the peak is the 
 (megaclip.bench.peak.probe_matmul) of the same dtype measured in this process with the same
 thread count, before and after the steps, in the same clock (CPU or wall). --profile prints
 torch.profiler's top operators of one step of each side.
+
+On a GPU (``--device cuda``, or ``auto``: the accelerator's device) both sides run there, each
+step is timed between device synchronisations, the probe is a GPU GEMM, and ``mfu_datasheet``
+is MFU against the GPU's dense datasheet peak (megaclip.bench.peak.table_peak, e.g. H100/H200
+bf16 989.4 TFLOP/s) next to ``mfu_step`` against the probe.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch  # noqa: E402
 
 from megaclip.bench.formulas import median  # noqa: E402
 from megaclip.bench.harness import synthetic_config  # noqa: E402
-from megaclip.bench.peak import probe_matmul  # noqa: E402
+from megaclip.bench.peak import probe_matmul, table_peak  # noqa: E402
 from megaclip.checkpoint.openclip import open_clip_model, to_open_clip  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
 from megaclip.data.synthetic import synthetic_batch  # noqa: E402
@@ -48,9 +53,9 @@ from megaclip.train.optim import build_optimizer, param_groups  # noqa: E402
 class Side:
     """One implementation: model, loss, AdamW; ``step()`` runs one training step."""
 
-    def __init__(self, name: str, model, loss_fn, precision: str, batch) -> None:
+    def __init__(self, name: str, model, loss_fn, precision: str, batch, device="cpu") -> None:
         self.name, self.model, self.loss_fn = name, model, loss_fn
-        self.precision, self.batch = precision, batch
+        self.precision, self.batch, self.device = precision, batch, torch.device(device)
         self.opt = build_optimizer(param_groups(model, 0.2), lr=1e-5)
         self.times: list[float] = []  # wall seconds per step
         self.fwd_bwd: list[float] = []  # wall seconds of forward + loss + backward
@@ -60,19 +65,29 @@ class Side:
 
     def _autocast(self):
         if self.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+    def _sync(self) -> None:
+        """Timing on an accelerator: wait for its queued work (no-op on CPU)."""
+        if self.device.type != "cpu":
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().synchronize()
 
     def step(self) -> None:
         """One training step (forward + loss + backward + AdamW), timed in wall and CPU time."""
         images, tokens = self.batch
+        self._sync()
         t0, c0 = time.perf_counter(), time.process_time()
         with self._autocast():
             loss = self.loss_fn(self.model, images, tokens)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self._sync()
         t1, c1 = time.perf_counter(), time.process_time()
         self.opt.step()
+        self._sync()
         t2, c2 = time.perf_counter(), time.process_time()
         self.times.append(t2 - t0)
         self.fwd_bwd.append(t1 - t0)
@@ -108,7 +123,7 @@ def open_clip_loss():
     return fn
 
 
-def build(model_name: str, batch: int, precision: str, seed: int):
+def build(model_name: str, batch: int, precision: str, seed: int, device="cpu"):
     """Both sides with identical initial weights and one shared synthetic batch."""
     cfg = resolve_model(model_name)
     mega = ClipModel(cfg)
@@ -118,11 +133,11 @@ def build(model_name: str, batch: int, precision: str, seed: int):
     if [k for k in missing if "attn_mask" not in k] or unexpected:
         raise RuntimeError(f"weight conversion mismatch: {missing} {unexpected}")
     gen = torch.Generator().manual_seed(seed)
-    data = synthetic_batch(synthetic_config(cfg, batch, seed), gen)
-    mega.train()
-    oc.train()
-    a = Side("megaclip", mega, megaclip_loss(cfg.max_logit_scale), precision, data)
-    b = Side("open_clip", oc, open_clip_loss(), precision, data)
+    data = tuple(t.to(device) for t in synthetic_batch(synthetic_config(cfg, batch, seed), gen))
+    mega.to(device).train()
+    oc.to(device).train()
+    a = Side("megaclip", mega, megaclip_loss(cfg.max_logit_scale), precision, data, device)
+    b = Side("open_clip", oc, open_clip_loss(), precision, data, device)
     return cfg, a, b
 
 
@@ -137,8 +152,9 @@ def profile_step(side: Side, rows: int = 14) -> str:
 
 def run(args, precision: str) -> dict:
     """Warm up, alternate timed steps, probe the GEMM peak; medians, ratios, MFU."""
-    cfg, mega, oc = build(args.model, args.batch, precision, args.seed)
-    before = probe_matmul(precision, args.probe_size, 3)
+    device = resolve_device(args.device)
+    cfg, mega, oc = build(args.model, args.batch, precision, args.seed, device)
+    before = probe_matmul(precision, args.probe_size, 3, device)
     for _ in range(args.warmup):
         mega.step()
         oc.step()
@@ -148,7 +164,7 @@ def run(args, precision: str) -> dict:
         order = (mega, oc) if i % 2 == 0 else (oc, mega)
         for side in order:
             side.step()
-    after = probe_matmul(precision, args.probe_size, 3)
+    after = probe_matmul(precision, args.probe_size, 3, device)
     peak = max(before.flops, after.flops)
     peak_cpu = max(before.cpu_flops or 0.0, after.cpu_flops or 0.0)
     flops = 6 * model_cost(cfg).macs_total * args.batch
@@ -162,7 +178,13 @@ def run(args, precision: str) -> dict:
         "peak_tflops_cpu_time": peak_cpu / 1e12,
         "peak_tflops_before_after": [before.flops / 1e12, after.flops / 1e12],
         "model_tflop_per_step": flops / 1e12,
+        "device": str(device),
     }
+    sheet = None
+    if device.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name(device)
+        sheet = table_peak(out["device_name"], precision)
+        out["datasheet_peak_tflops"] = sheet.flops / 1e12 if sheet else None
     for side in (mega, oc):
         t, fb = median(side.times), median(side.fwd_bwd)
         c, cfb = median(side.cpu), median(side.cpu_fwd_bwd)
@@ -175,6 +197,7 @@ def run(args, precision: str) -> dict:
             "step_times": side.times,
             "cpu_times": side.cpu,
             "mfu_step": flops / t / peak,
+            "mfu_datasheet": flops / t / sheet.flops if sheet else None,
             "mfu_cpu_step": flops / c / peak_cpu,
             "mfu_cpu_fwd_bwd": flops / cfb / peak_cpu,
             "last_loss": side.losses[-1],
@@ -219,6 +242,15 @@ def print_result(r: dict) -> None:
         print(f"\n### torch.profiler, one step of {name}\n{table}")
 
 
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda[:n]', or 'auto': the accelerator's device (megaclip.parallel.runtime)."""
+    if name == "auto":
+        from megaclip.parallel.runtime import device
+
+        return device()
+    return torch.device(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the requested precisions and print them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -230,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--probe-size", type=int, default=2048)
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:n] or auto (the accelerator's)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)

@@ -72,8 +72,10 @@ class GuardedAdamW(torch.optim.AdamW):
         from megaclip.parallel import collectives
 
         grads = [p.grad for group in self.param_groups for p in group["params"]]
-        flag = non_finite_flag([g for g in grads if g is not None])
-        collectives.all_reduce(flag, "max")  # every rank skips together
+        grads = [g for g in grads if g is not None]
+        dev = grads[0].device if grads else collectives.comm_device()
+        flag = non_finite_flag(grads) if grads else torch.zeros((), device=dev)
+        collectives.all_reduce(flag, "max")  # on the gradients' device; every rank skips together
         self.overflow = bool(flag.item())
         if self.overflow:
             return None

@@ -1,7 +1,7 @@
 """Worker: count tensor -> Python conversions inside ``ClipEngine.train_step`` (one process).
 
 For each case of SPEC_JSON's ``cases`` (model preset, ZeRO stage, accumulation steps, precision)
-it builds a single-process engine, runs one warm-up step, then counts the calls of
+it builds a single-process engine, runs ``warmup`` untimed steps, then counts the calls of
 ``Tensor.item``, ``.tolist``, ``.numpy``, ``__bool__``, ``__float__``, ``__int__`` and
 ``__index__`` made during the next steps (DeepSpeed's own calls included; ``megaclip`` counts
 those made by megaclip's own code). On an accelerator each of them waits for the device: the
@@ -11,46 +11,16 @@ count bounds the host synchronisations of a step. Prints one line
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
-from collections import Counter
 
-import torch
-
+from megaclip.bench.syncs import counting_host_reads, total
 from megaclip.config.model import load_preset
 from megaclip.config.parallel import ParallelConfig
 from megaclip.parallel.runtime import init_distributed
 from megaclip.parallel.topology import Topology
 from megaclip.train.engine import ClipEngine, OptimConfig
 from tests.reference import global_batch, rank_micro_batches
-
-CONVERSIONS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
-PACKAGE = os.sep + "megaclip" + os.sep  # frames of megaclip's own code
-
-
-@contextlib.contextmanager
-def counting(counts: Counter):
-    """Patch torch.Tensor's conversion methods with counting wrappers."""
-    originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
-
-    def wrap(name, fn):
-        def wrapper(self, *args, **kwargs):
-            counts[name] += 1
-            if PACKAGE in sys._getframe(1).f_code.co_filename:
-                counts["megaclip"] += 1
-            return fn(self, *args, **kwargs)
-
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    try:
-        yield counts
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def count_case(case: dict, steps: int = 2, warmup: int = 2) -> dict:
@@ -70,8 +40,7 @@ def count_case(case: dict, steps: int = 2, warmup: int = 2) -> dict:
         if case.get("nan") and step == warmup + steps - 1:
             images[0, 0, 0, 0] = float("nan")  # the last step is skipped: same count?
         batches = rank_micro_batches(images, tokens, par, 0)
-        counts: Counter = Counter()
-        with counting(counts):
+        with counting_host_reads() as counts:
             result = engine.train_step(batches)
         # warm-up steps: DeepSpeed's lazy set-up; ZeRO-3 checks its recorded parameter trace
         # across ranks once, at step 2 (one read per parameter)
@@ -82,7 +51,7 @@ def count_case(case: dict, steps: int = 2, warmup: int = 2) -> dict:
         **case,
         "params": n_params,
         "per_step": per_step,
-        "totals": [sum(v for k, v in c.items() if k != "megaclip") for c in per_step],
+        "totals": [total(c) for c in per_step],
         "megaclip": [c.get("megaclip", 0) for c in per_step],
         "skipped_last": result.skipped,
     }
