@@ -81,6 +81,11 @@ echo "[device_wheels] downloading ${#WHEELS[@]} wheels for CPython 3.12 x86-64 i
 
 if ! ls "$dest"/deepspeed-"${DEEPSPEED#*==}"-py3-none-any.whl >/dev/null 2>&1; then
   echo "[device_wheels] building a pure-Python $DEEPSPEED wheel (source archive only on PyPI)"
+  if ! "$py" -c "import torch, setuptools, wheel" >/dev/null 2>&1; then
+    echo "[device_wheels] building deepspeed needs torch, setuptools and wheel in $py's" \
+      "environment: run scripts/install.sh, or set PYTHON / activate such a venv" >&2
+    exit 2
+  fi
   src="$(mktemp -d)"
   trap 'rm -rf "$src"' EXIT
   "$py" -m pip download -q --no-deps --no-binary=:all: -d "$src" "$DEEPSPEED"
