@@ -17,7 +17,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from megaclip.train.optim import fuse_overflow_check, non_finite_flag
 from tests.mp_util import REPO
 
 MODELS = ("tiny", "tiny-pp")  # 62 and 110 parameter tensors
@@ -81,3 +83,33 @@ def test_zero0_fp32_step_reads_the_device_twice_skipped_or_not(counts):
     skipped = next(r for r in counts if r.get("nan"))
     assert skipped["skipped_last"] is True  # the NaN step was skipped...
     assert skipped["totals"][-1] == 2  # ...at the same cost
+
+
+@pytest.mark.parametrize(
+    "bad, want",
+    [(None, 0.0), (float("nan"), 1.0), (float("inf"), 1.0), (-float("inf"), 1.0), (6e4, 0.0)],
+)
+def test_non_finite_flag(bad, want):
+    grads = [torch.randn(3, 4), torch.randn(5).bfloat16(), torch.full((4,), 6e4).half()]
+    if bad is not None:
+        grads[1][2] = bad
+    flag = non_finite_flag(grads)
+    assert flag.shape == () and flag.dtype == torch.float32 and flag.item() == want
+    assert non_finite_flag([]).item() == 0.0
+
+
+def test_fused_overflow_check_replaces_the_per_tensor_scan():
+    class Checker:
+        def has_overflow_serial(self, params):  # DeepSpeed's: one host read per tensor
+            raise AssertionError("the serial scan ran")
+
+    class Param:
+        def __init__(self, value):
+            self.grad = torch.tensor(value)
+
+    opt = type("Wrapper", (), {"overflow_checker": Checker()})()
+    assert fuse_overflow_check(opt)
+    scan = opt.overflow_checker.has_overflow_serial
+    assert scan([Param([1.0, 2.0]), Param([3.0])]) is False
+    assert scan([Param([1.0, float("nan")])]) is True
+    assert not fuse_overflow_check(object())  # ZeRO optimizers without it: untouched

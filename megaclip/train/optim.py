@@ -59,9 +59,10 @@ def non_finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips the whole step when any gradient on any rank is non-finite.
 
-    For engines that call the optimizer directly (ZeRO-0 in fp32). It sets ``overflow`` the way
+    For engines that call the optimizer directly (ZeRO-0; under fp16/bf16 it is the inner
+    optimizer of DeepSpeed's wrapper, which checks first). It sets ``overflow`` the way
     DeepSpeed's own optimizers do, so the engine counts the skipped step and does not advance
-    the learning-rate schedule. ZeRO-1/2/3 and bf16 optimizers run their own check. The check
+    the learning-rate schedule. ZeRO-1/2/3 optimizers run their own check. The check
     is one fused reduction, one all-reduce (on the gradients' device) and one host read per
     step, whatever the number of parameters.
     """
