@@ -50,6 +50,17 @@ class _MegaclipLinear:
     # megatron adds an empty "_extra_state" entry per layer; keep state dicts to real tensors.
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
+    # megatron's repr reads attributes the plain (no TP group) form does not set
+    __repr__ = nn.Module.__repr__
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        tp = (
+            "none"
+            if self.explicit_tp_group is None
+            else dist.get_world_size(self.explicit_tp_group)
+        )
+        return f"in={inp}, out={out} (local), bias={self.bias is not None}, tp={tp}"
 
     def _adopt(self, tp_group: dist.ProcessGroup | None) -> None:
         self.explicit_tp_group = tp_group  # megatron may substitute its global group for None
