@@ -54,7 +54,7 @@ class _MegaclipLinear:
     __repr__ = nn.Module.__repr__
 
     def extra_repr(self) -> str:
-        out, inp = self.weight.shape
+        out, inp = tuple(getattr(self.weight, "ds_shape", self.weight.shape))  # ZeRO-3: full
         tp = (
             "none"
             if self.explicit_tp_group is None
