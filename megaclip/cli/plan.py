@@ -67,9 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--schedule",
-        default="gpipe",
-        choices=("gpipe", "gradcache"),
-        help="exact-loss schedule: gpipe keeps all micro-batches alive (default); gradcache "
+        default="keep",
+        choices=("keep", "recompute"),
+        help="exact-loss schedule: keep = every micro-batch's graph alive (default); recompute "
         "runs a no-grad feature pass first",
     )
     p.add_argument("--matmul-eff", type=float, help="override the calibrated matmul efficiency")

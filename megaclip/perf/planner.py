@@ -72,7 +72,7 @@ class PlanRequest:
     checkpointing: tuple[bool, ...] = (False, True)
     max_micro_batch: int = 1024
     tie: float = 0.01
-    schedule: str = "gpipe"
+    schedule: str = "keep"
 
     @property
     def usable_bytes(self) -> float:
@@ -106,6 +106,7 @@ class Candidate:
             "checkpointing": p.activation_checkpointing,
             "global_batch": p.global_batch_size,
             "precision": p.precision,
+            "schedule": p.schedule,
             "peak_gib": round(self.peak_bytes / GIB, 2),
         }
         if t is not None:
@@ -191,6 +192,10 @@ def layouts(req: PlanRequest) -> Iterator[ParallelConfig]:
                             grad_accum_steps=m,
                             precision=req.precision,  # type: ignore[arg-type]
                             activation_checkpointing=ckpt,
+                            # ZeRO-3 with accumulation can only recompute
+                            schedule="recompute"
+                            if (zero == 3 and pp == 1 and m > 1)
+                            else req.schedule,  # type: ignore[arg-type]
                         )
 
 
@@ -213,19 +218,20 @@ def plan(req: PlanRequest) -> PlanResult:
     check_request(req)
     limit = req.usable_bytes
     stage_cache: dict[int, tuple] = {}
-    work = Workload(schedule=req.schedule)
+
     feasible: list[Candidate] = []
     misfit: Candidate | None = None
     tried = 0
     for par in layouts(req):
         tried += 1
         stages = stage_cache.setdefault(par.pp, default_stages(req.model, par.pp))
-        mem = layout_memory(req.model, par, stages, schedule=req.schedule)
+        mem = layout_memory(req.model, par, stages, schedule=par.schedule)
         cand = Candidate(par, mem, None)
         if cand.peak_bytes > limit:
             if misfit is None or cand.peak_bytes < misfit.peak_bytes:
                 misfit = cand
             continue
+        work = Workload(schedule=par.schedule)
         t = step_time(req.model, par, req.cluster, req.efficiency, stages, work)
         feasible.append(Candidate(par, mem, t))
     if feasible:
