@@ -216,7 +216,7 @@ def main() -> None:
     if steps_ok:
         cmd = [sys.executable, "-m", "megaclip.cli.main", "convert", str(run / "checkpoints")]
         rc3, convert_peak, t3 = timed(
-            [*cmd, "--to", "open_clip", "--out", str(export)], out / "convert.log"
+            [*cmd, "--to", "open_clip", "--fp32-master", "--out", str(export)], out / "convert.log"
         )
     export_gib = export.stat().st_size / GIB if export.is_file() else float("nan")
     strict = False
