@@ -67,10 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--schedule",
-        default="keep",
-        choices=("keep", "recompute"),
-        help="exact-loss schedule: keep = every micro-batch's graph alive (default); recompute "
-        "runs a no-grad feature pass first",
+        default="auto",
+        choices=("auto", "keep", "recompute"),
+        help="exact-loss schedule: keep = every micro-batch's graph alive; recompute = a no-grad "
+        "feature pass first (flat memory); auto (default) = keep where it fits, else recompute",
     )
     p.add_argument("--matmul-eff", type=float, help="override the calibrated matmul efficiency")
     p.add_argument("--memory-eff", type=float, help="override the calibrated memory efficiency")

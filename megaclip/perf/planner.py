@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
@@ -72,7 +72,7 @@ class PlanRequest:
     checkpointing: tuple[bool, ...] = (False, True)
     max_micro_batch: int = 1024
     tie: float = 0.01
-    schedule: str = "keep"
+    schedule: str = "auto"  # auto: per layout, keep graphs where they fit, else recompute
 
     @property
     def usable_bytes(self) -> float:
@@ -213,6 +213,19 @@ def check_request(req: PlanRequest) -> None:
         raise ConfigError(f"no tensor-parallel size divides both --gpus {gpus} and the model")
 
 
+def _with_schedule(
+    cfg: ClipConfig, par: ParallelConfig, stages: tuple, limit: float
+) -> tuple[ParallelConfig, tuple[StageMemory, ...]]:
+    """``par`` with "auto" resolved (keep where its peak fits ``limit``, else recompute)."""
+    if par.schedule != "auto":
+        return par, layout_memory(cfg, par, stages, schedule=par.schedule)
+    for schedule in ("keep", "recompute") if par.grad_accum_steps > 1 else ("keep",):
+        mem = layout_memory(cfg, par, stages, schedule=schedule)
+        if max(m.peak for m in mem) <= limit:
+            break
+    return replace(par, schedule=schedule), mem  # type: ignore[arg-type]
+
+
 def plan(req: PlanRequest) -> PlanResult:
     """Evaluate all layouts of ``req``; feasible ones ranked by samples/s (then less memory)."""
     check_request(req)
@@ -225,7 +238,7 @@ def plan(req: PlanRequest) -> PlanResult:
     for par in layouts(req):
         tried += 1
         stages = stage_cache.setdefault(par.pp, default_stages(req.model, par.pp))
-        mem = layout_memory(req.model, par, stages, schedule=par.schedule)
+        par, mem = _with_schedule(req.model, par, stages, limit)
         cand = Candidate(par, mem, None)
         if cand.peak_bytes > limit:
             if misfit is None or cand.peak_bytes < misfit.peak_bytes:

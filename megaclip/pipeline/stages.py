@@ -74,7 +74,7 @@ class PipeStage(ClipStage):
 
 def split_outputs(out: torch.Tensor, embed_dim: int):
     """Last-stage output [B, 2E+k] -> image [B, E], text [B, E], [log scale (, bias)] [k]."""
-    return out[:, :embed_dim], out[:, embed_dim : 2 * embed_dim], out[:1, 2 * embed_dim]
+    return out[:, :embed_dim], out[:, embed_dim : 2 * embed_dim], out[0, 2 * embed_dim :]
 
 
 def cached_grad_loss(outputs: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,13 @@ from megaclip.errors import ConfigError
 from megaclip.loss.contrastive import ClipLossOutput, clip_loss
 from megaclip.loss.siglip import siglip_loss
 from megaclip.model.naming import strip_prefix
-from megaclip.parallel.runtime import accelerator, device, rng_state, set_rng_state
+from megaclip.parallel.runtime import (
+    accelerator,
+    device,
+    rng_state,
+    seed_training_rng,
+    set_rng_state,
+)
 from megaclip.parallel.topology import Topology
 from megaclip.perf.memory import choose_schedule
 from megaclip.pipeline.stages import cached_grad_loss, split_outputs
@@ -127,6 +133,7 @@ class ClipEngine:
         import deepspeed
 
         par.check_model(model_cfg)
+        seed_training_rng(seed, topo.coords.dp)  # a resumed run then restores its saved state
         self.cfg, self.par, self.topo, self.optim_cfg = model_cfg, par, topo, optim
         self.loss_chunk_size, self.loss_mode, self.loss = loss_chunk_size, loss_mode, loss
         self.logit_width = 2 if loss == "siglip" else 1  # [log scale (, bias)] columns

@@ -29,7 +29,7 @@ def main(out_dir: str, spec_json: str) -> None:
         grad_accum_steps=spec["accum"],
         precision=spec.get("precision", "fp32"),
         activation_checkpointing=spec.get("recompute", False),
-        schedule=spec.get("schedule", "keep"),
+        schedule=spec.get("schedule", "auto"),
     )
     topo = Topology(par)
     cfg = model_for(spec["model"], spec.get("loss", "clip"))
