@@ -342,7 +342,8 @@ def launch_command(
         f"parallel.tp={par.tp} parallel.pp={par.pp} parallel.dp={par.dp} "
         f"parallel.zero_stage={par.zero_stage} parallel.micro_batch_size={par.micro_batch_size} "
         f"parallel.grad_accum_steps={par.grad_accum_steps} parallel.precision={par.precision} "
-        f"parallel.activation_checkpointing={str(par.activation_checkpointing).lower()}"
+        f"parallel.activation_checkpointing={str(par.activation_checkpointing).lower()} "
+        f"parallel.schedule={par.schedule}"
     )
     return (
         f"deepspeed --hostfile hostfile --num_nodes {nodes} --num_gpus {per_node} "
