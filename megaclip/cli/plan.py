@@ -190,7 +190,8 @@ def _print_table(result: PlanResult, top: int, batch_text: str) -> None:
         print(
             f"{i:>3} {p.tp:>2} {p.pp:>3} {p.dp:>5} {p.zero_stage:>4} {p.micro_batch_size:>5} "
             f"{p.grad_accum_steps:>5} {'on' if p.activation_checkpointing else 'off':>4} "
-            f"{SCHEDULE_SHORT[p.schedule]:>5} {p.global_batch_size:>7} {c.peak_bytes / GIB:>7.1f} {t.total_s:>7.2f} "
+            f"{SCHEDULE_SHORT[p.schedule]:>5} {p.global_batch_size:>7} "
+            f"{c.peak_bytes / GIB:>7.1f} {t.total_s:>7.2f} "
             f"{t.samples_per_s:>9.0f} {t.samples_per_s_per_gpu:>7.2f} {t.mfu:>6.1%} "
             f"{t.bubble_fraction:>6.1%} {comm:>6.2f}"
         )
