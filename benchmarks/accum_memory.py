@@ -10,8 +10,10 @@ compact inputs would. Peak = the process's peak RSS (VmHWM) from engine construc
 
 Prints one JSON line per run (schedule, accum, peak_mib, step_s = the best timed step,
 step_s_median) and a final line with flat_peak_ratio (recompute: peak at the largest accum /
-peak at accum 1) and time_ratio (recompute / keep step time at accum 16; best-of, as timeit
-does, because other work on a shared machine only ever adds time; time_ratio_median too).
+peak at accum 1) and time_ratio (recompute / keep step time at accum 16: the best step over
+the sweep's run and ``--time-rounds`` more runs of each, alternating; best-of, as timeit does,
+because other work on a shared machine only ever adds time; time_ratio_median: the ratio of the
+runs' medians).
 
     PYTHONPATH=. python benchmarks/accum_memory.py
     PYTHONPATH=. python benchmarks/accum_memory.py --accum 1 4 --steps 2     # quick
@@ -72,6 +74,9 @@ def main() -> None:
     p.add_argument("--accum", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--steps", type=int, default=5, help="steps per run (the first is warm-up)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--time-rounds", type=int, default=2, help="extra alternating timing runs at accum 16"
+    )
     p.add_argument("--worker", nargs=2, metavar=("ACCUM", "SCHEDULE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -89,24 +94,38 @@ def main() -> None:
         RANK="0",
         LOCAL_RANK="0",
     )
+
+    def run(schedule: str, accum: int) -> dict:
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--worker", str(accum), schedule,
+            "--model", args.model, "--micro-batch", str(args.micro_batch),
+            "--steps", str(args.steps),
+        ]  # fmt: skip
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"run {schedule} accum {accum} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     for schedule in ("keep", "recompute"):
         for accum in args.accum:
-            cmd = [
-                sys.executable, str(Path(__file__).resolve()), "--worker", str(accum), schedule,
-                "--model", args.model, "--micro-batch", str(args.micro_batch),
-                "--steps", str(args.steps),
-            ]  # fmt: skip
-            out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"run {schedule} accum {accum} failed:\n{out.stderr[-3000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row = run(schedule, accum)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    mid = 16 if 16 in args.accum else max(args.accum)
+    # Step time: the two schedules alternate at accum `mid` (load on a shared machine varies
+    # over minutes; alternating exposes both to it alike), best step of every run.
+    timed = {s: [r["step_s"] for r in rows if r["schedule"] == s and r["accum"] == mid]
+             for s in ("keep", "recompute")}  # fmt: skip
+    for _ in range(args.time_rounds):
+        for schedule in ("keep", "recompute"):
+            row = run(schedule, mid)
+            timed[schedule].append(row["step_s"])
+            print(json.dumps({**row, "timing_round": True}), flush=True)
 
     def pick(schedule: str, accum: int) -> dict:
         return next(r for r in rows if r["schedule"] == schedule and r["accum"] == accum)
 
-    big, mid = max(args.accum), 16 if 16 in args.accum else max(args.accum)
+    big = max(args.accum)
     summary = {
         "flat_peak_ratio": round(
             pick("recompute", big)["peak_mib"] / pick("recompute", min(args.accum))["peak_mib"], 3
@@ -114,10 +133,12 @@ def main() -> None:
         "keep_peak_ratio": round(
             pick("keep", big)["peak_mib"] / pick("keep", min(args.accum))["peak_mib"], 3
         ),
-        "time_ratio": round(pick("recompute", mid)["step_s"] / pick("keep", mid)["step_s"], 3),
+        "time_ratio": round(min(timed["recompute"]) / min(timed["keep"]), 3),
         "time_ratio_median": round(
-            pick("recompute", mid)["step_s_median"] / pick("keep", mid)["step_s_median"], 3
+            statistics.median(timed["recompute"]) / statistics.median(timed["keep"]), 3
         ),
+        "step_s_keep": min(timed["keep"]),
+        "step_s_recompute": min(timed["recompute"]),
         "accum_for_peak": big,
         "accum_for_time": mid,
     }
