@@ -47,9 +47,7 @@ LAYOUTS = {
 }
 
 
-def time_layout(
-    model: str, tp, pp, dp, zero, micro, accum, steps, warmup, schedule="global"
-) -> dict:
+def time_layout(model: str, tp, pp, dp, zero, micro, accum, steps, warmup, schedule="keep") -> dict:
     """Median step time (slowest rank), summed CPU s/step, per-stage bubble of one layout."""
     spec = BenchSpec(
         model=model, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, accum=accum,
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bubble-m", default="1,2,4,8", help="comma list of m ('' to skip)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     p.add_argument(
-        "--schedules", default="global,gradcache", help="pipeline schedules of the bubble sweep"
+        "--schedules", default="keep,recompute", help="pipeline schedules of the bubble sweep"
     )
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@
 #   2. train a small CLIP on 2 processes with the deepspeed launcher (data parallel, ZeRO-1)
 #   3. zero-shot classification of the held-out digits ("a photo of the number seven", ...)
 #   4. convert the sharded DeepSpeed checkpoint into one open_clip-format file
+#   Extra arguments are config overrides for step 2, e.g. `bash scripts/demo.sh train.loss=siglip`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ -x .venv/bin/python ] && source .venv/bin/activate
@@ -18,7 +19,7 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29511}" --module megaclip.c
   --config configs/demo.yaml \
   "data.train=$DATA/train-{000000..000003}.tar" \
   "zeroshot.data=$DATA/val-000000.tar" "zeroshot.classnames=$DATA/classnames.txt" \
-  "zeroshot.templates=$DATA/templates.txt" "train.out_dir=$RUN" "train.steps=$STEPS"
+  "zeroshot.templates=$DATA/templates.txt" "train.out_dir=$RUN" "train.steps=$STEPS" "$@"
 
 echo "== 3/4 zero-shot evaluation on the held-out split"
 megaclip eval zeroshot --checkpoint "$RUN/final_open_clip.pt" --data "$DATA/val-000000.tar" \

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
 from megaclip.checkpoint.openclip import to_open_clip
 from megaclip.config.model import ClipConfig, load_preset
 from megaclip.config.parallel import ParallelConfig
 from megaclip.loss.contrastive import clip_loss
+from megaclip.loss.siglip import siglip_loss
 from megaclip.model.clip import ClipModel
 from megaclip.model.init import init_parameters
 from megaclip.train.optim import build_optimizer, lr_at, param_groups
@@ -38,9 +42,25 @@ def rank_micro_batches(images, tokens, par: ParallelConfig, dp_rank: int):
     ]
 
 
-def reference_run(model: str, global_size: int, steps: int, seed: int):
-    """Losses per step and final open_clip-keyed weights of plain single-process training."""
+def model_for(model: str, loss: str = "clip") -> ClipConfig:
+    """The preset, with SigLIP's logit bias and temperature (paper init) for ``loss=siglip``."""
     cfg = load_preset(model)
+    if loss == "siglip":
+        cfg = replace(cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    return cfg
+
+
+def reference_loss(img, txt, logit, cfg: ClipConfig, loss: str = "clip"):
+    """The single-process loss of one global batch (clamped temperature, as the engine)."""
+    scale = logit[:1].clamp(0, cfg.max_logit_scale)
+    if loss == "siglip":
+        return siglip_loss(img, txt, scale, logit[1:2], chunk_size=None)
+    return clip_loss(img, txt, scale, chunk_size=None).loss
+
+
+def reference_run(model: str, global_size: int, steps: int, seed: int, loss: str = "clip"):
+    """Losses per step and final open_clip-keyed weights of plain single-process training."""
+    cfg = model_for(model, loss)
     net = ClipModel(cfg)
     init_parameters(net, cfg, seed)
     opt = build_optimizer(param_groups(net, OPTIM["weight_decay"]), lr=OPTIM["lr"])
@@ -50,11 +70,11 @@ def reference_run(model: str, global_size: int, steps: int, seed: int):
     losses = []
     for step in range(steps):
         images, tokens = global_batch(cfg, global_size, seed=1000 + step)
-        img, txt, scale = net(images, tokens)
-        loss = clip_loss(img, txt, scale.clamp(0, cfg.max_logit_scale), chunk_size=None).loss
+        img, txt, logit = net(images, tokens)
+        value = reference_loss(img, txt, logit, cfg, loss)
         opt.zero_grad()
-        loss.backward()
+        value.backward()
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(value.item())
     return losses, to_open_clip(net.state_dict())

@@ -33,9 +33,18 @@ def test_bench_cli_json_smoke():
     assert set(r) >= KEYS, KEYS - set(r)
     assert r["model"] == "tiny" and r["device"] == "cpu" and r["steps"] == 2
     assert r["layout"] == {
-        "tp": 1, "pp": 1, "dp": 1, "zero": 1, "micro_batch": 4, "accum": 1, "global_batch": 4,
-        "precision": "fp32", "recompute": False, "world_size": 1,
-    }  # fmt: skip
+        "tp": 1,
+        "pp": 1,
+        "dp": 1,
+        "zero": 1,
+        "micro_batch": 4,
+        "accum": 1,
+        "global_batch": 4,
+        "precision": "fp32",
+        "recompute": False,
+        "world_size": 1,
+        "schedule": "keep",
+    }  # fmt: skip  (accum 1: auto resolves to keep, and the report says which ran)
     assert r["samples_per_s"] > 0 and r["samples_per_s"] == r["samples_per_s_per_device"]
     assert abs(r["samples_per_s"] * r["step_time_s"] - 4) < 1e-9
     # MFU = 6 MACs x samples/s / peak, with the peak probed in the same run.

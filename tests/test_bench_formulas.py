@@ -40,7 +40,7 @@ def test_throughput_hand_case():
     assert t.hfu == t.mfu  # no recompute, no pipeline
     r = throughput(64, 2.0, 4, 1e9, 100e12, recompute=True)
     assert r.hfu == pytest.approx(t.mfu * 8 / 6) and r.mfu == t.mfu
-    p = throughput(64, 2.0, 4, 1e9, 100e12, recompute=True, pp=2, schedule="gradcache")
+    p = throughput(64, 2.0, 4, 1e9, 100e12, recompute=True, pp=2, schedule="recompute")
     assert p.hardware_tflops_per_device == pytest.approx(10 * 1e9 * 32 / 4 / 1e12)
     assert throughput(64, 2.0, 4, 1e9, None).mfu is None
     with pytest.raises(ValueError):
@@ -51,7 +51,7 @@ def test_flops_factors_and_bubbles():
     assert hardware_flops_factor(False, 1) == 6
     assert hardware_flops_factor(True, 1) == 8
     assert hardware_flops_factor(False, 4) == 6  # the global-loss schedule: one forward
-    assert hardware_flops_factor(False, 4, "gradcache") == 8
+    assert hardware_flops_factor(False, 4, "recompute") == 8
     assert analytic_bubble(2, 1) == 0.5
     assert analytic_bubble(2, 8) == pytest.approx(1 / 9)
     assert analytic_bubble(4, 4) == pytest.approx(3 / 7)

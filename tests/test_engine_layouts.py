@@ -26,8 +26,8 @@ def _run(tmp_path, world, **spec):
     return stages[-1]["losses"], state
 
 
-def _compare(losses, state, micro, accum, dp, loss_rtol=1e-4, param_atol=2e-5):
-    ref_losses, ref_state = reference_run(MODEL, micro * accum * dp, STEPS, SEED)
+def _compare(losses, state, micro, accum, dp, loss_rtol=1e-4, param_atol=2e-5, loss="clip"):
+    ref_losses, ref_state = reference_run(MODEL, micro * accum * dp, STEPS, SEED, loss=loss)
     assert len(losses) == len(ref_losses)
     for got, want in zip(losses, ref_losses):
         assert abs(got - want) <= loss_rtol * abs(want), (losses, ref_losses)
@@ -68,10 +68,10 @@ def test_layout_equals_single_process(tmp_path, world, tp, pp, zero, micro, accu
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
-def test_gradcache_pipeline_schedule_is_exact_too(tmp_path, recompute):
+def test_recompute_pipeline_schedule_is_exact_too(tmp_path, recompute):
     """The two-pass schedule (no-grad features, then stock 1F1B) equals the reference."""
     losses, state = _run(
-        tmp_path, 4, tp=1, pp=2, micro=2, accum=2, schedule="gradcache", recompute=recompute
+        tmp_path, 4, tp=1, pp=2, micro=2, accum=2, schedule="recompute", recompute=recompute
     )
     _compare(losses, state, 2, 2, 2)
 
@@ -106,3 +106,33 @@ def test_zero3_with_activation_checkpointing_is_exact(tmp_path, accum):
     """ZeRO-3 + recomputation (DeepSpeed's fetch trace) over several steps equals the reference."""
     losses, state = _run(tmp_path, 2, tp=1, pp=1, zero=3, micro=2, accum=accum, recompute=True)
     _compare(losses, state, 2, accum, 2)
+
+
+SIGLIP_LAYOUTS = [("dp2", 2, 1, 1, 4, 1), ("pp2", 2, 1, 2, 2, 2), ("tp2xpp2", 4, 2, 2, 2, 2)]
+
+
+@pytest.mark.parametrize(
+    "world, tp, pp, micro, accum",
+    [x[1:] for x in SIGLIP_LAYOUTS],
+    ids=[x[0] for x in SIGLIP_LAYOUTS],
+)
+def test_siglip_layout_equals_single_process(tmp_path, world, tp, pp, micro, accum):
+    """train.loss: siglip (logit_bias travels with logit_scale) equals the reference."""
+    losses, state = _run(tmp_path, world, tp=tp, pp=pp, micro=micro, accum=accum, loss="siglip")
+    assert "logit_bias" in state
+    _compare(losses, state, micro, accum, world // (tp * pp), loss="siglip")
+
+
+@pytest.mark.parametrize("world, pp", [(1, 1), (2, 2)], ids=["pp1", "pp2"])
+def test_recompute_schedule_replays_patch_dropout(tmp_path, world, pp):
+    """With FLIP patch dropout, recompute (two passes, one RNG replay) == keep, bit for bit-ish."""
+    common = dict(tp=1, pp=pp, micro=2, accum=4, patch_dropout=0.5)
+    runs = {}
+    for schedule in ("keep", "recompute"):
+        out = tmp_path / schedule
+        out.mkdir()
+        runs[schedule] = _run(out, world, schedule=schedule, **common)
+    (lk, sk), (lr, sr) = runs["keep"], runs["recompute"]
+    assert lk == pytest.approx(lr, rel=1e-6, abs=1e-6)
+    for key, want in sk.items():
+        assert (sr[key] - want).abs().max() <= 1e-6, key

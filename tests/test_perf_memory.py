@@ -234,10 +234,10 @@ def test_stage_activations_by_hand():
     assert stage_activation_bytes(TINY, p0, stage) == 3 * stored0 + 2 * max(in_v, in_t)
 
 
-def test_gpipe_keeps_every_micro_batch_gradcache_does_not():
+def test_keep_holds_every_micro_batch_recompute_does_not():
     p = par(pp=2, dp=2, zero_stage=1, grad_accum_steps=8)
-    assert [alive_micro_batches(p, s, "gpipe") for s in (0, 1)] == [8, 8]
-    assert [alive_micro_batches(p, s, "gradcache") for s in (0, 1)] == [2, 1]
+    assert [alive_micro_batches(p, s, "keep") for s in (0, 1)] == [8, 8]
+    assert [alive_micro_batches(p, s, "recompute") for s in (0, 1)] == [2, 1]
     stage = even_stages(TINY, 2)[1]
     one = stage_activation_bytes(TINY, p, stage, 1)
     two = stage_activation_bytes(TINY, p, stage, 2)

@@ -5,7 +5,7 @@ Conventions (docs/benchmarks.md):
   the layout: MFU = achieved model FLOP/s per device / peak FLOP/s of one device;
 - hardware FLOPs per sample = (6 + 2 r + 2 g) x MACs, r = 1 with activation checkpointing
   (one more forward), g = 1 when a no-grad feature pass runs (PP > 1 with
-  ``pipeline_schedule: gradcache``; the default "global" schedule has none):
+  ``parallel.schedule: recompute``; the "keep" schedule has none):
   HFU = hardware FLOP/s per device / peak;
 - the loss (O(N^2 E) per step) and element-wise work are not counted.
 """
@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from megaclip.pipeline.partition import bubble_fraction
 
 
-def hardware_flops_factor(recompute: bool, pp: int, schedule: str = "global") -> int:
-    """FLOPs executed per MAC of one forward: 6, +2 with recompute, +2 for a feature pass."""
-    feature_pass = pp > 1 and schedule == "gradcache"
+def hardware_flops_factor(recompute: bool, pp: int, schedule: str = "keep", accum: int = 1) -> int:
+    """FLOPs executed per MAC of one forward: 6, +2 with recompute, +2 for a feature pass.
+
+    The "recompute" schedule runs the feature pass unless PP = 1 with one micro-batch (the same
+    single pass then).
+    """
+    feature_pass = schedule == "recompute" and (pp > 1 or accum > 1)
     return 6 + (2 if recompute else 0) + (2 if feature_pass else 0)
 
 
@@ -55,7 +59,8 @@ def throughput(
     *,
     recompute: bool = False,
     pp: int = 1,
-    schedule: str = "global",
+    schedule: str = "keep",
+    accum: int = 1,
 ) -> Throughput:
     """samples/s = N / t; model TFLOP/s per device = 6 MACs N / (t D); MFU = that / peak.
 
@@ -66,7 +71,8 @@ def throughput(
         raise ValueError(f"need step_time_s > 0 and devices >= 1, got {step_time_s}, {devices}")
     sps = global_batch / step_time_s
     model = 6.0 * macs_per_sample * sps / devices
-    hardware = hardware_flops_factor(recompute, pp, schedule) * macs_per_sample * sps / devices
+    factor = hardware_flops_factor(recompute, pp, schedule, accum)
+    hardware = factor * macs_per_sample * sps / devices
     peak = peak_flops_per_device if peak_flops_per_device and peak_flops_per_device > 0 else None
     return Throughput(
         samples_per_s=sps,

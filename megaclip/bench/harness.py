@@ -40,7 +40,7 @@ class BenchSpec:
     steps: int = 5
     warmup: int = 2
     recompute: bool = False
-    schedule: str = "global"  # PP > 1: "global" (one pass) or "gradcache" (two passes)
+    schedule: str = "auto"  # exact-loss schedule: "keep", "recompute" or "auto" (docs/loss.md)
     seed: int = 0
     loss_chunk_size: int | None = 4096
     ds_overrides: dict[str, Any] = field(default_factory=dict)
@@ -64,7 +64,7 @@ class BenchSpec:
             grad_accum_steps=self.accum,
             precision=self.precision,  # type: ignore[arg-type]
             activation_checkpointing=self.recompute,
-            pipeline_schedule=self.schedule,  # type: ignore[arg-type]
+            schedule=self.schedule,  # type: ignore[arg-type]
         )
         par.check_world(world)
         return par

@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ from megaclip.bench.peak import device_peak, probe_matmul
 from megaclip.config.model import resolve_model
 from megaclip.model.flops import model_cost
 from megaclip.parallel import collectives
+from megaclip.perf.memory import choose_schedule
 
 
 def instrument(engine, counter: CommCounter | None) -> dict[str, Timer]:
@@ -183,6 +185,7 @@ def run_throughput(
 def summarize(spec: BenchSpec, cfg, par, ranks: list[dict[str, Any]], last) -> dict[str, Any]:
     """Combine the per-rank measurements into the benchmark's one result dict (pure)."""
     cost = model_cost(cfg)
+    par = replace(par, schedule=choose_schedule(cfg, par))  # the schedule that ran
     step = max(r["median_step_s"] for r in ranks)
     peak = min(r["peak_flops"] for r in ranks)  # a device is as fast as the slowest probe
     tput = throughput(
@@ -193,7 +196,8 @@ def summarize(spec: BenchSpec, cfg, par, ranks: list[dict[str, Any]], last) -> d
         peak,
         recompute=par.activation_checkpointing,
         pp=par.pp,
-        schedule=par.pipeline_schedule,
+        schedule=par.schedule,
+        accum=par.grad_accum_steps,
     )
     r0 = ranks[0]
 
@@ -239,6 +243,7 @@ def summarize(spec: BenchSpec, cfg, par, ranks: list[dict[str, Any]], last) -> d
             "global_batch": par.global_batch_size,
             "precision": par.precision,
             "recompute": par.activation_checkpointing,
+            "schedule": par.schedule,
             "world_size": par.world_size,
         },
         "device": r0["device"],
@@ -253,7 +258,7 @@ def summarize(spec: BenchSpec, cfg, par, ranks: list[dict[str, Any]], last) -> d
         "macs_per_sample": cost.macs_total,
         "model_flops_per_sample": 6 * cost.macs_total,
         "hardware_flops_factor": hardware_flops_factor(
-            par.activation_checkpointing, par.pp, par.pipeline_schedule
+            par.activation_checkpointing, par.pp, par.schedule, par.grad_accum_steps
         ),
         "peak_tflops_per_device": peak / 1e12,
         "peak_source": r0["peak_source"],

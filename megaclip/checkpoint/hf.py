@@ -284,6 +284,12 @@ def hf_eos_token_id(text: TextConfig) -> int:
 
 def hf_config(cfg: ClipConfig) -> dict[str, Any]:
     """``config.json`` of the transformers CLIPModel of ``cfg`` (with megaclip's config inside)."""
+    if cfg.init_logit_bias is not None:
+        raise CheckpointError(
+            f"model '{cfg.name}' is a SigLIP model (it has a logit_bias), which transformers' "
+            "CLIPModel cannot hold; export it with --to open_clip (open_clip's CLIP keeps "
+            "logit_bias)"
+        )
     v, t = cfg.vision, cfg.text
     common = {"hidden_act": cfg.activation, "layer_norm_eps": cfg.layer_norm_eps}
     common["projection_dim"] = cfg.embed_dim

@@ -127,6 +127,10 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
             for key in sorted(set(a) | set(b)):
                 if not path and key in _IGNORED_MODEL_FIELDS:
                     continue
+                if not path and key == "init_logit_bias":  # its value is only an init
+                    if (a.get(key) is None) != (b.get(key) is None):
+                        out.append(f"logit_bias: {_has(a.get(key))} -> {_has(b.get(key))}")
+                    continue
                 walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
         elif a != b and not (
             isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-9 * abs(b)
@@ -137,13 +141,34 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return out
 
 
-def check_same_model(saved: dict[str, Any], cfg: ClipConfig, where: str) -> None:
-    """Raise CheckpointError if the saved model mapping's architecture is not ``cfg``'s."""
+def _has(value: Any) -> str:
+    return "none" if value is None else "present"
+
+
+NO_LOGIT_BIAS = "logit_bias: none -> present"
+
+
+def check_same_model(
+    saved: dict[str, Any], cfg: ClipConfig, where: str, *, new_logit_bias: bool = False
+) -> None:
+    """Raise CheckpointError if the saved model mapping's architecture is not ``cfg``'s.
+
+    ``new_logit_bias``: a checkpoint without logit_bias (CLIP) may start a SigLIP model, whose
+    bias then keeps its initial value.
+    """
     # Fields added since the save (text.pool_type, ...) take their defaults; a saved config that
     # no longer validates is compared as stored (the differences name what is wrong).
     with contextlib.suppress(ConfigError):
         saved = to_dict(model_from_dict(saved, where=where))
     diffs = model_differences(saved, to_dict(cfg))
+    if diffs == [NO_LOGIT_BIAS] and new_logit_bias:
+        return
+    if diffs == [NO_LOGIT_BIAS]:
+        raise CheckpointError(
+            f"{where} has no logit_bias (it was trained with the CLIP loss) but this SigLIP run "
+            "needs one; to start SigLIP from it, set train.new_logit_bias=true (the bias then "
+            "starts at train.siglip_init_bias), or resume a SigLIP checkpoint"
+        )
     if diffs:
         shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
         raise CheckpointError(

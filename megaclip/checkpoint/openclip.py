@@ -18,17 +18,19 @@ from megaclip.model.naming import from_open_clip_key, to_open_clip_key
 MODEL_CONFIG_KEY = "megaclip_model_config"
 # Buffers open_clip may store that megaclip recomputes.
 _IGNORED = ("attn_mask",)
+# 0-dim parameters in open_clip, shape [1] in megaclip (DeepSpeed cannot broadcast 0-dim ones).
+SCALARS = ("logit_scale", "logit_bias")
 
 
 def open_clip_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """open_clip's shape of the megaclip parameter ``name`` (logit_scale is 0-dim there)."""
-    return () if to_open_clip_key(name) == "logit_scale" else tuple(shape)
+    """open_clip's shape of the megaclip parameter ``name`` (the logit scalars are 0-dim there)."""
+    return () if to_open_clip_key(name) in SCALARS else tuple(shape)
 
 
 def open_clip_entry(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
     """(open_clip key, value in open_clip's shape) of one full megaclip parameter."""
     key = to_open_clip_key(name)
-    return key, value.reshape(()) if key == "logit_scale" else value
+    return key, value.reshape(()) if key in SCALARS else value
 
 
 def iter_open_clip(
@@ -63,7 +65,7 @@ def from_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, value in state.items():
         name = from_open_clip_key_checked(key)
         if name is not None:
-            out[name] = value.reshape(1) if key == "logit_scale" else value
+            out[name] = value.reshape(1) if key in SCALARS else value
     return out
 
 
@@ -96,6 +98,7 @@ def open_clip_config(cfg: ClipConfig) -> dict[str, Any]:
         "quick_gelu": cfg.activation == "quick_gelu",
         "vision_cfg": vision,
         "text_cfg": text,
+        **({"init_logit_bias": cfg.init_logit_bias} if cfg.init_logit_bias is not None else {}),
     }
 
 
@@ -170,6 +173,8 @@ def clip_config_from_open_clip(model_cfg: dict[str, Any], name: str, where: str)
             **({"eos_id": text.get("eos_id", 2)} if pool == "eos" else {}),
         },
     }
+    if model_cfg.get("init_logit_bias") is not None:
+        data["init_logit_bias"] = float(model_cfg["init_logit_bias"])
     try:
         return model_from_dict(data, where=where)
     except ConfigError as err:

@@ -171,7 +171,9 @@ def _universal_source(path: Path, keys: tuple[str, ...]) -> Source:
     return entries
 
 
-def load_universal(clip_engine, path: str | Path, *, weights_only: bool = False) -> dict[str, Any]:
+def load_universal(
+    clip_engine, path: str | Path, *, weights_only: bool = False, new_logit_bias: bool = False
+) -> dict[str, Any]:
     """Load a universal checkpoint into a running engine of any layout; rank 0's client_state.
 
     Collective. Weights always; unless ``weights_only``, also the Adam moments and step, the LR
@@ -179,12 +181,13 @@ def load_universal(clip_engine, path: str | Path, *, weights_only: bool = False)
     """
     path = Path(path)
     record = read_universal_meta(path)
-    check_same_model(record["model"], clip_engine.cfg, str(path))
+    check_same_model(record["model"], clip_engine.cfg, str(path), new_logit_bias=new_logit_bias)
     with_opt = not weights_only and record.get("has_optimizer", False)
     keys = ("fp32", *MOMENTS) if with_opt else ("fp32",)
     apply_full_state(
         clip_engine,
         _universal_source(path, keys),
+        skip=_new_params(record["params"], new_logit_bias),
         moments=with_opt,
         adam_step=record.get("adam_step"),
     )
@@ -204,36 +207,57 @@ def load_universal(clip_engine, path: str | Path, *, weights_only: bool = False)
     return clients.get(0, {}) if clients else {}
 
 
-def initialize_from(clip_engine, path: str | Path) -> None:
+def _new_params(available, new_logit_bias: bool) -> frozenset[str]:
+    """Parameters that keep their initial value: SigLIP's bias, when allowed and absent."""
+    if new_logit_bias and "logit_bias" not in available:
+        return frozenset({"logit_bias"})
+    return frozenset()
+
+
+def initialize_from(clip_engine, path: str | Path, *, new_logit_bias: bool = False) -> None:
     """Replace the engine's initial weights (all ranks, any layout) by those of ``path``.
 
     ``path``: a universal directory (e.g. from ``megaclip convert --to megaclip``), a megaclip
     DeepSpeed checkpoint (root or step directory, any layout; fp32 masters), or an open_clip
     file (.pt / .bin / .safetensors, bare or wrapped). Optimizer state stays fresh. Collective.
+    ``new_logit_bias``: a source without logit_bias (CLIP) may start a SigLIP model.
     """
     path = Path(path)
+    cfg, allow = clip_engine.cfg, new_logit_bias
     if path.is_dir() and (path / UNIVERSAL_META).is_file():
-        load_universal(clip_engine, path, weights_only=True)
+        load_universal(clip_engine, path, weights_only=True, new_logit_bias=allow)
         return
     if path.is_dir():
         reader = CheckpointReader(path, fp32_master=True)
-        check_same_model(reader.meta.model, clip_engine.cfg, str(path))
-        apply_full_state(clip_engine, lambda names: reader.entries(names=names), moments=False)
+        check_same_model(reader.meta.model, cfg, str(path), new_logit_bias=allow)
+        apply_full_state(
+            clip_engine,
+            lambda names: reader.entries(names=names),
+            moments=False,
+            skip=_new_params(reader.names, allow),
+        )
         return
     with OpenClipFile(path) as src:
         if src.model_config is not None:
-            check_same_model(src.model_config, clip_engine.cfg, str(path))
-        check_shapes(src.shapes(), clip_engine.cfg, str(path))
+            check_same_model(src.model_config, cfg, str(path), new_logit_bias=allow)
+        skip = _new_params(src.shapes(), allow)
+        check_shapes(src.shapes(), cfg, str(path), optional=skip)
         apply_full_state(
-            clip_engine, lambda names: ((n, {MASTER: src.get(n)}) for n in names), moments=False
+            clip_engine,
+            lambda names: ((n, {MASTER: src.get(n)}) for n in names),
+            moments=False,
+            skip=skip,
         )
 
 
 def check_shapes(
-    params: Mapping[str, torch.Tensor | torch.Size], cfg: ClipConfig, where: str
+    params: Mapping[str, torch.Tensor | torch.Size],
+    cfg: ClipConfig,
+    where: str,
+    optional: frozenset[str] = frozenset(),
 ) -> None:
     """CheckpointError unless ``params`` (tensors or shapes) match ``cfg``'s parameters."""
-    want = expected_shapes(cfg)
+    want = {k: v for k, v in expected_shapes(cfg).items() if k not in optional}
     missing = sorted(set(want) - set(params))
     if missing:
         raise CheckpointError(
@@ -292,8 +316,11 @@ def apply_full_state(
     *,
     moments: bool,
     adam_step: int | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> None:
     """Write the full tensors ``source(names)`` yields into this rank's weights (+ Adam state).
+
+    ``skip``: names left at their current (initial) value.
 
     Only the names of this rank's own parameters (its pipeline stage) are asked for, and one
     full tensor at a time is held.
@@ -316,7 +343,11 @@ def apply_full_state(
         for flat in flats:
             _ensure_state(base, flat, step)
     masters = _fp32_copies(engine.optimizer)
-    mine = {canonical_name(n): (n, p) for n, p in engine.module.named_parameters()}
+    mine = {
+        canonical_name(n): (n, p)
+        for n, p in engine.module.named_parameters()
+        if canonical_name(n) not in skip
+    }
     for canon, entry in source(list(mine)):
         name, param = mine.pop(canon)
         dim, stride = partition_of(param)

@@ -35,9 +35,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute", action="store_true", help="activation checkpointing")
     p.add_argument(
         "--schedule",
-        choices=("global", "gradcache"),
-        default="global",
-        help="pipeline schedule for --pp > 1 (see docs/parallelism.md)",
+        choices=("auto", "keep", "recompute"),
+        default="auto",
+        help="exact-loss schedule: keep graphs, recompute (flat memory), auto (docs/loss.md)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-size", type=int, default=2048, help="CPU GEMM probe size n (n^3)")

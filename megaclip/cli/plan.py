@@ -67,10 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--schedule",
-        default="gpipe",
-        choices=("gpipe", "gradcache"),
-        help="exact-loss schedule: gpipe keeps all micro-batches alive (default); gradcache "
-        "runs a no-grad feature pass first",
+        default="auto",
+        choices=("auto", "keep", "recompute"),
+        help="exact-loss schedule: keep = every micro-batch's graph alive; recompute = a no-grad "
+        "feature pass first (flat memory); auto (default) = keep where it fits, else recompute",
     )
     p.add_argument("--matmul-eff", type=float, help="override the calibrated matmul efficiency")
     p.add_argument("--memory-eff", type=float, help="override the calibrated memory efficiency")
@@ -179,7 +179,7 @@ def _print_table(result: PlanResult, top: int, batch_text: str) -> None:
     )
     cols = (
         f"{'#':>3} {'tp':>2} {'pp':>3} {'dp':>5} {'zero':>4} {'micro':>5} {'accum':>5} "
-        f"{'ckpt':>4} {'gbatch':>7} {'mem GiB':>7} {'step s':>7} {'samples/s':>9} "
+        f"{'ckpt':>4} {'sched':>5} {'gbatch':>7} {'mem GiB':>7} {'step s':>7} {'samples/s':>9} "
         f"{'/GPU':>7} {'MFU':>6} {'bubble':>6} {'comm s':>6}"
     )
     print(cols)
@@ -190,7 +190,8 @@ def _print_table(result: PlanResult, top: int, batch_text: str) -> None:
         print(
             f"{i:>3} {p.tp:>2} {p.pp:>3} {p.dp:>5} {p.zero_stage:>4} {p.micro_batch_size:>5} "
             f"{p.grad_accum_steps:>5} {'on' if p.activation_checkpointing else 'off':>4} "
-            f"{p.global_batch_size:>7} {c.peak_bytes / GIB:>7.1f} {t.total_s:>7.2f} "
+            f"{SCHEDULE_SHORT[p.schedule]:>5} {p.global_batch_size:>7} "
+            f"{c.peak_bytes / GIB:>7.1f} {t.total_s:>7.2f} "
             f"{t.samples_per_s:>9.0f} {t.samples_per_s_per_gpu:>7.2f} {t.mfu:>6.1%} "
             f"{t.bubble_fraction:>6.1%} {comm:>6.2f}"
         )
@@ -203,6 +204,9 @@ def _print_table(result: PlanResult, top: int, batch_text: str) -> None:
         f"{t.optimizer_s:.2f} = {t.total_s:.2f} s/step"
     )
     print("launch: " + launch_command(best.par, req.cluster.node_size))
+
+
+SCHEDULE_SHORT = {"keep": "keep", "recompute": "recmp", "auto": "auto"}
 
 
 def _write_out(result: PlanResult, out: Path, train_config: str, top: int) -> list[Path]:

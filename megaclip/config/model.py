@@ -142,9 +142,14 @@ class ClipConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
     layer_norm_eps: float = 1e-5
+    # SigLIP models: the learnable additive logit bias (open_clip's init_logit_bias); None = a
+    # CLIP model without one
+    init_logit_bias: float | None = None
 
     def __post_init__(self) -> None:
         _positive("model", embed_dim=self.embed_dim)
+        if self.init_logit_bias is not None and not math.isfinite(self.init_logit_bias):
+            raise ConfigError(f"model.init_logit_bias must be finite, got {self.init_logit_bias}")
         if self.init_logit_scale > self.max_logit_scale:
             raise ConfigError(
                 f"model.init_logit_scale {self.init_logit_scale:.4f} exceeds "

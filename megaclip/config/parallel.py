@@ -29,9 +29,12 @@ class ParallelConfig:
     grad_accum_steps: int = 1
     precision: Precision = "fp32"
     activation_checkpointing: bool = False
-    # PP > 1: "global" = one pass (GPipe order + one global-loss step); "gradcache" = a no-grad
-    # feature pass then DeepSpeed's stock 1F1B schedule (two forwards, fewer live activations).
-    pipeline_schedule: Literal["global", "gradcache"] = "global"
+    # The exact global-loss schedule (docs/loss.md): "keep" = each micro-batch's graph is kept
+    # until the loss (one forward; PP > 1: GPipe order + one global-loss step); "recompute" =
+    # features of all micro-batches without graphs, the loss, then each micro-batch again with
+    # its graph (flat memory in the accumulation, one more forward; PP > 1: then DeepSpeed's
+    # stock 1F1B). "auto": the planner's memory model picks (megaclip.perf.memory.choose_schedule).
+    schedule: Literal["auto", "keep", "recompute"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "micro_batch_size", "grad_accum_steps"):
@@ -39,6 +42,12 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.schedule == "keep" and self.zero_stage == 3 and self.grad_accum_steps > 1:
+            raise ConfigError(
+                "parallel.schedule: keep cannot run ZeRO-3 with grad_accum_steps > 1 (ZeRO-3 "
+                "fetches parameters for one forward-backward pair at a time); use schedule: "
+                "recompute or auto"
+            )
         if self.pp > 1 and self.zero_stage > 1:
             raise ConfigError(
                 f"ZeRO stage {self.zero_stage} cannot be combined with pipeline parallelism "

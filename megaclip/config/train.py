@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +89,15 @@ class TrainSection:
     # "allgather": gather all features once; "stream": owners' blocks broadcast in turn, memory
     # independent of the global batch (see docs/loss.md)
     loss_mode: Literal["allgather", "stream"] = "allgather"
+    # "clip": symmetric InfoNCE; "siglip": pairwise sigmoid with a learnable logit_bias, the
+    # model's temperature and bias starting at siglip_init_scale / siglip_init_bias (the SigLIP
+    # paper: log 10 and -10) unless the model config sets init_logit_bias itself
+    loss: Literal["clip", "siglip"] = "clip"
+    siglip_init_scale: float = math.log(10.0)
+    siglip_init_bias: float = -10.0
+    # init_from / resume from a checkpoint without logit_bias (a CLIP one) into a SigLIP run:
+    # refused unless true, then the bias starts from its initial value
+    new_logit_bias: bool = False
     tensorboard: bool = True
     dist_timeout_s: float = 600.0
     # refuse a layout the planner predicts will not fit this node (megaclip/train/preflight.py)
@@ -127,7 +137,23 @@ def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConf
         if not isinstance(model, str):
             raise ConfigError(f"{where}.model: expected a preset name, file or mapping")
         model_cfg = resolve_model(model)
-    return from_dict(RunConfig, {**data, "model": model_cfg}, where)
+    cfg = from_dict(RunConfig, {**data, "model": model_cfg}, where)
+    return with_loss_model(cfg)
+
+
+def with_loss_model(cfg: RunConfig) -> RunConfig:
+    """The run with a model that fits its loss: SigLIP gets a logit_bias (paper init)."""
+    t, m = cfg.train, cfg.model
+    if t.loss == "siglip" and m.init_logit_bias is None:
+        scale = min(t.siglip_init_scale, m.max_logit_scale)
+        m = replace(m, init_logit_scale=scale, init_logit_bias=t.siglip_init_bias)
+        return replace(cfg, model=m)
+    if t.loss == "clip" and m.init_logit_bias is not None:
+        raise ConfigError(
+            f"model '{m.name}' has a logit_bias (init_logit_bias={m.init_logit_bias}): it is a "
+            "SigLIP model; set train.loss: siglip, or remove model.init_logit_bias"
+        )
+    return cfg
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

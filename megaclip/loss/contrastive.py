@@ -30,6 +30,7 @@ from megaclip.loss.common import (
     acc_dtype,
     check_features,
     check_options,
+    chunks,
     column_blocks,
     column_chunks,
     diagonal_in_chunk,
@@ -76,14 +77,16 @@ class _OnlineCE:
         self.sum = torch.zeros((b,), dtype=dtype, device=device)
         self.arg = torch.zeros((b,), dtype=torch.long, device=device)
 
-    def update(self, logits: Tensor, start: int) -> None:
-        """Fold in the chunk of columns [start, start + c); overwrites ``logits``."""
+    def update(self, logits: Tensor, start: int, r0: int = 0) -> None:
+        """Fold in columns [start, start + c) of rows [r0, r0 + len(logits)); overwrites logits."""
+        rows = slice(r0, r0 + logits.shape[0])
+        old_max = self.max[rows]
         m, idx = logits.max(dim=1)
-        self.arg = torch.where(m > self.max, idx + start, self.arg)
-        new_max = torch.maximum(self.max, m)
+        self.arg[rows] = torch.where(m > old_max, idx + start, self.arg[rows])
+        new_max = torch.maximum(old_max, m)
         chunk_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
-        self.sum = self.sum * torch.exp(self.max - new_max) + chunk_sum
-        self.max = new_max
+        self.sum[rows] = self.sum[rows] * torch.exp(old_max - new_max) + chunk_sum
+        self.max[rows] = new_max
 
     def result(self, pos: Tensor, offset: int) -> tuple[Tensor, Tensor]:
         """(CE_a = logsumexp_a - pos_a as (max - pos) + log(sum), number of top-1 hits)."""
@@ -148,14 +151,19 @@ class _ClipLossFn(torch.autograd.Function):
         pos = (image.to(acc) * text.to(acc)).sum(dim=1).mul_(scale)  # canonical positive logits
         image_s, text_s = _scaled(image, scale), _scaled(text, scale)
         width = workspace_width(b, comm.size, chunk_size, mode)
-        ws = ChunkWorkspace(b, width, 1, image.dtype, image.device)
+        row_blocks = list(chunks(b, chunk_size))  # rows are blocked too: [chunk, chunk] logits
+        ws = ChunkWorkspace(min(b, chunk_size or b), width, 1, image.dtype, image.device)
         i2t = _OnlineCE(b, acc, image.device)
         t2i = _OnlineCE(b, acc, image.device)
         for start, cols in column_chunks(
             column_blocks(comm, local, gathered, chunk_size), chunk_size
         ):
-            i2t.update(_scaled_logits(ws, image_s, cols[:, d:], pos, offset, start), start)
-            t2i.update(_scaled_logits(ws, text_s, cols[:, :d], pos, offset, start), start)
+            for r0, r1 in row_blocks:
+                at = offset + r0
+                logits = _scaled_logits(ws, image_s[r0:r1], cols[:, d:], pos[r0:r1], at, start)
+                i2t.update(logits, start, r0)
+                logits = _scaled_logits(ws, text_s[r0:r1], cols[:, :d], pos[r0:r1], at, start)
+                t2i.update(logits, start, r0)
         ce_i2t, hit_i2t = i2t.result(pos, offset)
         ce_t2i, hit_t2i = t2i.result(pos, offset)
         part = ce_i2t.sum() + ce_t2i.sum()
@@ -182,21 +190,35 @@ class _ClipLossFn(torch.autograd.Function):
         pos_all, ce_i2t, ce_t2i = ctx.per_row
         own = slice(offset, offset + b)
         width = workspace_width(b, comm.size, chunk_size, mode)
-        ws = ChunkWorkspace(b, width, 3, image.dtype, image.device)
+        row_blocks = list(chunks(b, chunk_size))
+        ws = ChunkWorkspace(min(b, chunk_size or b), width, 3, image.dtype, image.device)
         grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
         grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
         p_dot = torch.zeros((), dtype=ws.acc, device=image.device)
         image_s, text_s = _scaled(image, scale), _scaled(text, scale)
         blocks = column_blocks(comm, ctx.local, ctx.gathered, chunk_size)
+        ce_i2t_own, ce_t2i_own = ce_i2t[own], ce_t2i[own]
         for start, cols in column_chunks(blocks, chunk_size):
-            # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of image a.
-            p_dot += _grad_chunk(
-                ws, grad_i, image_s, cols[:, d:], pos_all, ce_i2t[own], ce_t2i, offset, start
-            )
-            # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of text a.
-            p_dot += _grad_chunk(
-                ws, grad_t, text_s, cols[:, :d], pos_all, ce_t2i[own], ce_i2t, offset, start
-            )
+            for r0, r1 in row_blocks:
+                r, at = slice(r0, r1), offset + r0
+                # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of
+                # image a.
+                p_dot += _grad_chunk(
+                    ws,
+                    grad_i[r],
+                    image_s[r],
+                    cols[:, d:],
+                    pos_all,
+                    ce_i2t_own[r],
+                    ce_t2i,
+                    at,
+                    start,
+                )
+                # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of
+                # text a.
+                p_dot += _grad_chunk(
+                    ws, grad_t[r], text_s[r], cols[:, :d], pos_all, ce_t2i_own[r], ce_i2t, at, start
+                )
         g = g_loss.to(ws.acc) * comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
         d_image = (g * scale * grad_i).to(image.dtype)
         d_text = (g * scale * grad_t).to(text.dtype)

@@ -23,6 +23,7 @@ from megaclip.loss.common import (
     acc_dtype,
     check_features,
     check_options,
+    chunks,
     column_blocks,
     column_chunks,
     diagonal_in_chunk,
@@ -99,15 +100,16 @@ class _SigLipLossFn(torch.autograd.Function):
         gathered = comm.gather(local) if mode == "allgather" else None  # [N, 2d]
         scale = logit_scale.detach().reshape(()).to(acc).exp()
         bias = logit_bias.detach().reshape(()).to(acc)
-        ws = ChunkWorkspace(
-            b, workspace_width(b, comm.size, chunk_size, mode), 2, image.dtype, image.device
-        )
+        row_blocks = list(chunks(b, chunk_size))  # rows are blocked too: [chunk, chunk] logits
+        width = workspace_width(b, comm.size, chunk_size, mode)
+        ws = ChunkWorkspace(min(b, chunk_size or b), width, 2, image.dtype, image.device)
         part = torch.zeros((), dtype=acc, device=image.device)
         image_s = (image.to(acc) * scale).to(image.dtype)
         for start, cols in column_chunks(
             column_blocks(comm, local, gathered, chunk_size), chunk_size
         ):
-            part += _pair_loss_chunk(ws, image_s, cols[:, d:], bias, offset, start)
+            for r0, r1 in row_blocks:
+                part += _pair_loss_chunk(ws, image_s[r0:r1], cols[:, d:], bias, offset + r0, start)
         total = comm.gather(part.reshape(1)).sum()  # same order on every rank
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
         ctx.local, ctx.gathered, ctx.comm = local, gathered, comm
@@ -123,9 +125,9 @@ class _SigLipLossFn(torch.autograd.Function):
         comm, scale, bias = ctx.comm, ctx.scale, ctx.bias
         b, d = image.shape
         n = comm.size * b
-        ws = ChunkWorkspace(
-            b, workspace_width(b, comm.size, chunk_size, mode), 2, image.dtype, image.device
-        )
+        row_blocks = list(chunks(b, chunk_size))
+        width = workspace_width(b, comm.size, chunk_size, mode)
+        ws = ChunkWorkspace(min(b, chunk_size or b), width, 2, image.dtype, image.device)
         grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
         grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
         g_dot = torch.zeros((), dtype=ws.acc, device=image.device)
@@ -137,10 +139,12 @@ class _SigLipLossFn(torch.autograd.Function):
         for start, cols in column_chunks(
             column_blocks(comm, ctx.local, ctx.gathered, chunk_size), chunk_size
         ):
-            dot, gs = _grad_chunk(ws, grad_i, image_s, cols[:, d:], bias, offset, start)
-            g_dot += dot
-            g_sum += gs
-            _grad_chunk(ws, grad_t, text_s, cols[:, :d], bias, offset, start)
+            for r0, r1 in row_blocks:
+                r, at = slice(r0, r1), offset + r0
+                dot, gs = _grad_chunk(ws, grad_i[r], image_s[r], cols[:, d:], bias, at, start)
+                g_dot += dot
+                g_sum += gs
+                _grad_chunk(ws, grad_t[r], text_s[r], cols[:, :d], bias, at, start)
         g = g_loss.to(ws.acc) * comm.size / n  # dp x: docs/loss.md "gradient convention"
         d_image = (g * scale * grad_i).to(image.dtype)
         d_text = (g * scale * grad_t).to(text.dtype)

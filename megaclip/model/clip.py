@@ -59,6 +59,7 @@ class ClipStage(nn.Module):
     ``logit_scale`` (last span only) is the *log* inverse temperature, a shape-[1] parameter
     because DeepSpeed cannot broadcast 0-dim parameters. It is clamped to ``cfg.max_logit_scale``
     where the loss is taken (train/engine.py), which works the same under every ZeRO stage.
+    SigLIP models (``cfg.init_logit_bias`` set) also hold ``logit_bias`` [1].
     """
 
     def __init__(
@@ -96,6 +97,18 @@ class ClipStage(nn.Module):
         )
         if span.last:
             self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))
+            if cfg.init_logit_bias is not None:  # SigLIP
+                self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_logit_bias))
+
+    def logit_params(self) -> torch.Tensor:
+        """[log scale] (CLIP) or [log scale, bias] (SigLIP): what the loss takes besides features.
+
+        A new tensor, never the parameters themselves: ZeRO-3 registers a returned parameter
+        as "dangling" on whichever module is running, which breaks its fetch trace.
+        """
+        if hasattr(self, "logit_bias"):
+            return torch.cat([self.logit_scale, self.logit_bias])  # [2]
+        return self.logit_scale.view(1)  # [1]
 
     def set_recompute(self, enabled: bool) -> None:
         """Activation checkpointing per residual block (recompute the forward in backward)."""
@@ -121,7 +134,7 @@ class ClipStage(nn.Module):
 
 
 class ClipModel(ClipStage):
-    """images [B, C, H, W], tokens [B, L] -> normalised features [B, E] x 2 and log scale [1].
+    """images [B, C, H, W], tokens [B, L] -> features [B, E] x 2, [log scale (, bias)] [1 or 2].
 
     The single-device model: the :class:`ClipStage` whose span covers every block.
     """
@@ -157,6 +170,4 @@ class ClipModel(ClipStage):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xv, xt, eot = self.embed(images, tokens)
         img, txt = self.heads(self.run_vision(xv), self.run_text(xt), eot)  # [B, E] x 2
-        # A view, not the parameter itself: ZeRO-3 registers a returned parameter as "dangling"
-        # on whichever module is running, which breaks its fetch trace under recomputation.
-        return img, txt, self.logit_scale.view(1)
+        return img, txt, self.logit_params()

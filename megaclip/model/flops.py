@@ -94,9 +94,10 @@ class ModelCost:
 
 
 def model_cost(cfg: ClipConfig) -> ModelCost:
-    """Parameters and forward MACs per sample of ``cfg`` (logit_scale counted as 1 parameter)."""
+    """Parameters and forward MACs per sample of ``cfg`` (logit_scale and bias: 1 each)."""
     pv = vision_params(cfg.vision, cfg.embed_dim)
     pt = text_params(cfg.text, cfg.embed_dim)
     mv = vision_macs(cfg.vision, cfg.embed_dim)
     mt = text_macs(cfg.text, cfg.embed_dim)
-    return ModelCost(pv, pt, pv + pt + 1, mv, mt, mv + mt)
+    scalars = 1 + (cfg.init_logit_bias is not None)
+    return ModelCost(pv, pt, pv + pt + scalars, mv, mt, mv + mt)

@@ -57,6 +57,8 @@ def _std(key: str, cfg: ClipConfig) -> float | None:
 def _constant(key: str, cfg: ClipConfig) -> float:
     if key == "logit_scale":
         return cfg.init_logit_scale
+    if key == "logit_bias":
+        return float(cfg.init_logit_bias or 0.0)
     return 1.0 if key.endswith("weight") else 0.0
 
 
@@ -66,7 +68,7 @@ def _block_seed(seed: int, key: str, block: int) -> int:
 
 def full_flat(key: str, numel: int, cfg: ClipConfig, seed: int, start: int, stop: int):
     """Elements [start, stop) of the flattened full fp32 initial value of ``key`` (numel long)."""
-    std = None if key == "logit_scale" else _std(key, cfg)
+    std = None if key in ("logit_scale", "logit_bias") else _std(key, cfg)
     if std is None:
         return torch.full((stop - start,), _constant(key, cfg))
     out = torch.empty(stop - start)

@@ -15,10 +15,10 @@ _RULES: tuple[tuple[str, str], ...] = (
     (r"^text\.embed\.(token_embedding\.weight|positional_embedding)$", r"\1"),
     (r"^text\.head\.(ln_final\..+|text_projection)$", r"\1"),
     (r"^text\.blocks\.(\d+)\.(.+)$", r"transformer.resblocks.\1.\2"),
-    (r"^(logit_scale)$", r"\1"),
+    (r"^(logit_scale|logit_bias)$", r"\1"),
 )
 _QKV = ((".attn.qkv.weight", ".attn.in_proj_weight"), (".attn.qkv.bias", ".attn.in_proj_bias"))
-_ROOT = re.compile(r"(?:^|\.)(visual\.|text\.|logit_scale$)")
+_ROOT = re.compile(r"(?:^|\.)(visual\.|text\.|logit_scale$|logit_bias$)")
 
 
 def strip_prefix(name: str) -> str:
@@ -59,7 +59,7 @@ def from_open_clip_key(key: str) -> str:
         return "text.head." + key
     if key in ("token_embedding.weight", "positional_embedding"):
         return "text.embed." + key
-    if key == "logit_scale":
+    if key in ("logit_scale", "logit_bias"):
         return key
     raise KeyError(f"unexpected open_clip key {key}")
 

@@ -76,6 +76,19 @@ def configure_backends(precision: str) -> dict[str, bool]:
     }
 
 
+def seed_training_rng(seed: int, dp_rank: int) -> None:
+    """Seed torch (every device), python and numpy from (seed, DP rank).
+
+    The training-time random numbers (FLIP patch dropout) then depend on the run's seed and
+    the DP rank only: the same in every run, and the same on the TP and PP ranks of one model
+    replica, which must drop the same patches.
+    """
+    value = (int(seed) * 1_000_003 + int(dp_rank)) % 2**63
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states: torch CPU, accelerator (if not CPU), python, numpy."""
     state = {

@@ -65,7 +65,7 @@ over the whole global batch, then m backwards; the same with PP = 1 and gradient
 keeps the saved activations of *all m micro-batches* alive at the peak, on every stage, not only
 the first. The last stage (every rank when PP = 1) also holds the gathered features of the
 global batch N for the loss: 2 * N * E fp32 values, their gradients, and a [rows, chunk]
-logits block of the chunked loss (rows = m * b, chunk = LOSS_CHUNK). The alternative "gradcache"
+logits block of the chunked loss (rows = m * b, chunk = LOSS_CHUNK). The alternative "recompute"
 schedule (features from a no-grad pass first, then DeepSpeed's stock 1F1B) keeps min(m, P - s)
 micro-batches alive on stage s at the price of one more forward pass.
 """
@@ -165,7 +165,8 @@ def stage_param_count(
     if first:
         n += vision_embed_params(v) + text_embed_params(t)
     if last:
-        n += vision_head_params(v, cfg.embed_dim) + text_head_params(t, cfg.embed_dim) + 1
+        scalars = 1 + (cfg.init_logit_bias is not None)  # logit_scale (+ SigLIP's logit_bias)
+        n += vision_head_params(v, cfg.embed_dim) + text_head_params(t, cfg.embed_dim) + scalars
     return n
 
 
@@ -412,17 +413,17 @@ def block_activation_bytes(
     return tokens * per_token
 
 
-def alive_micro_batches(par: ParallelConfig, stage_index: int, schedule: str = "gpipe") -> int:
+def alive_micro_batches(par: ParallelConfig, stage_index: int, schedule: str = "keep") -> int:
     """Micro-batches whose activations are alive at the peak on stage ``stage_index``.
 
-    "gpipe" (megaclip's exact global loss): all m, on every stage. "gradcache" (features from a
+    "keep" (megaclip's exact global loss): all m, on every stage. "recompute" (features from a
     no-grad pass, then DeepSpeed's stock 1F1B schedule): min(m, P - stage_index).
     """
-    if schedule == "gpipe":
+    if schedule == "keep":
         return par.grad_accum_steps
-    if schedule == "gradcache":
+    if schedule == "recompute":
         return min(par.grad_accum_steps, par.pp - stage_index)
-    raise ConfigError(f"unknown schedule '{schedule}'; valid: gpipe, gradcache")
+    raise ConfigError(f"unknown schedule '{schedule}'; valid: keep, recompute")
 
 
 def stage_activation_bytes(
@@ -517,7 +518,7 @@ def stage_memory(
     index: int = 0,
     *,
     grad_accum_fp32: bool = False,
-    schedule: str = "gpipe",
+    schedule: str = "keep",
     buckets: dict[str, object] | None = None,
 ) -> StageMemory:
     """Peak memory breakdown of one rank of stage number ``index`` under layout ``par``.
@@ -560,7 +561,7 @@ def layout_memory(
     stages: tuple[StageLike, ...] | None = None,
     *,
     grad_accum_fp32: bool = False,
-    schedule: str = "gpipe",
+    schedule: str = "keep",
     buckets: dict[str, object] | None = None,
 ) -> tuple[StageMemory, ...]:
     """Per-stage memory of a layout (stages default to :func:`default_stages`)."""
@@ -603,13 +604,31 @@ class RankMemory:
         return self.stage.peak + self.runtime
 
 
-def schedule_of(par: ParallelConfig) -> str:
-    """The exact-loss schedule a layout trains with (ZeRO-3 with accumulation recomputes)."""
-    if par.pp == 1 and par.zero_stage == 3 and par.grad_accum_steps > 1:
-        return "gradcache"
-    if par.pp > 1 and par.pipeline_schedule == "gradcache":
-        return "gradcache"
-    return "gpipe"
+def choose_schedule(
+    cfg: ClipConfig,
+    par: ParallelConfig,
+    budget_bytes: float | None = None,
+    *,
+    host: bool = False,
+    ds: dict[str, object] | None = None,
+) -> str:
+    """The exact-loss schedule ``par`` trains with: "keep" or "recompute" ("auto" resolved).
+
+    "auto": recompute where keeping graphs cannot run (ZeRO-3 with accumulation) or where the
+    planner predicts that keeping every micro-batch's graph exceeds ``budget_bytes`` (per rank,
+    runtime included on a host) while recomputing fits; otherwise keep (one forward fewer).
+    With one micro-batch the two are the same computation: keep.
+    """
+    if par.schedule != "auto":
+        return par.schedule
+    if par.grad_accum_steps == 1:
+        return "keep"
+    if par.pp == 1 and par.zero_stage == 3:
+        return "recompute"
+    if budget_bytes is None:
+        return "keep"
+    kept = max(r.peak for r in rank_peaks(cfg, par, host=host, ds=ds, schedule="keep"))
+    return "keep" if kept <= budget_bytes else "recompute"
 
 
 def ds_buckets(ds: dict[str, object] | None, dp: int = 1) -> dict[str, object]:
@@ -636,14 +655,20 @@ def ds_buckets(ds: dict[str, object] | None, dp: int = 1) -> dict[str, object]:
 
 
 def rank_peaks(
-    cfg: ClipConfig, par: ParallelConfig, *, host: bool, ds: dict[str, object] | None = None
+    cfg: ClipConfig,
+    par: ParallelConfig,
+    *,
+    host: bool,
+    ds: dict[str, object] | None = None,
+    schedule: str | None = None,
 ) -> list[RankMemory]:
     """Predicted peak memory of every global rank of a run (``host``: a CPU rank's RSS).
 
     ``ds``: the run's resolved DeepSpeed config (its bucket sizes); None: the planner's.
     """
     buckets = {**ds_buckets(ds, par.dp), "host": host}
-    mem = layout_memory(cfg, par, schedule=schedule_of(par), buckets=buckets)
+    schedule = schedule or choose_schedule(cfg, par, host=host, ds=ds)
+    mem = layout_memory(cfg, par, schedule=schedule, buckets=buckets)
     runtime = HOST_RUNTIME_BYTES if host else 0.0
     out = []
     for rank in range(par.world_size):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
@@ -72,7 +72,7 @@ class PlanRequest:
     checkpointing: tuple[bool, ...] = (False, True)
     max_micro_batch: int = 1024
     tie: float = 0.01
-    schedule: str = "gpipe"
+    schedule: str = "auto"  # auto: per layout, keep graphs where they fit, else recompute
 
     @property
     def usable_bytes(self) -> float:
@@ -106,6 +106,7 @@ class Candidate:
             "checkpointing": p.activation_checkpointing,
             "global_batch": p.global_batch_size,
             "precision": p.precision,
+            "schedule": p.schedule,
             "peak_gib": round(self.peak_bytes / GIB, 2),
         }
         if t is not None:
@@ -191,6 +192,10 @@ def layouts(req: PlanRequest) -> Iterator[ParallelConfig]:
                             grad_accum_steps=m,
                             precision=req.precision,  # type: ignore[arg-type]
                             activation_checkpointing=ckpt,
+                            # ZeRO-3 with accumulation can only recompute
+                            schedule="recompute"
+                            if (zero == 3 and pp == 1 and m > 1)
+                            else req.schedule,  # type: ignore[arg-type]
                         )
 
 
@@ -208,24 +213,38 @@ def check_request(req: PlanRequest) -> None:
         raise ConfigError(f"no tensor-parallel size divides both --gpus {gpus} and the model")
 
 
+def _with_schedule(
+    cfg: ClipConfig, par: ParallelConfig, stages: tuple, limit: float
+) -> tuple[ParallelConfig, tuple[StageMemory, ...]]:
+    """``par`` with "auto" resolved (keep where its peak fits ``limit``, else recompute)."""
+    if par.schedule != "auto":
+        return par, layout_memory(cfg, par, stages, schedule=par.schedule)
+    for schedule in ("keep", "recompute") if par.grad_accum_steps > 1 else ("keep",):
+        mem = layout_memory(cfg, par, stages, schedule=schedule)
+        if max(m.peak for m in mem) <= limit:
+            break
+    return replace(par, schedule=schedule), mem  # type: ignore[arg-type]
+
+
 def plan(req: PlanRequest) -> PlanResult:
     """Evaluate all layouts of ``req``; feasible ones ranked by samples/s (then less memory)."""
     check_request(req)
     limit = req.usable_bytes
     stage_cache: dict[int, tuple] = {}
-    work = Workload(schedule=req.schedule)
+
     feasible: list[Candidate] = []
     misfit: Candidate | None = None
     tried = 0
     for par in layouts(req):
         tried += 1
         stages = stage_cache.setdefault(par.pp, default_stages(req.model, par.pp))
-        mem = layout_memory(req.model, par, stages, schedule=req.schedule)
+        par, mem = _with_schedule(req.model, par, stages, limit)
         cand = Candidate(par, mem, None)
         if cand.peak_bytes > limit:
             if misfit is None or cand.peak_bytes < misfit.peak_bytes:
                 misfit = cand
             continue
+        work = Workload(schedule=par.schedule)
         t = step_time(req.model, par, req.cluster, req.efficiency, stages, work)
         feasible.append(Candidate(par, mem, t))
     if feasible:
@@ -323,7 +342,8 @@ def launch_command(
         f"parallel.tp={par.tp} parallel.pp={par.pp} parallel.dp={par.dp} "
         f"parallel.zero_stage={par.zero_stage} parallel.micro_batch_size={par.micro_batch_size} "
         f"parallel.grad_accum_steps={par.grad_accum_steps} parallel.precision={par.precision} "
-        f"parallel.activation_checkpointing={str(par.activation_checkpointing).lower()}"
+        f"parallel.activation_checkpointing={str(par.activation_checkpointing).lower()} "
+        f"parallel.schedule={par.schedule}"
     )
     return (
         f"deepspeed --hostfile hostfile --num_nodes {nodes} --num_gpus {per_node} "

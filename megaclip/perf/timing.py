@@ -23,7 +23,7 @@ Step (GPipe order, P stages, m micro-batches; the slowest stage sets the pace):
       + loss (gather/reduce-scatter features over DP + 12 rows N E FLOPs of logits)
       + exposed DP traffic + optimizer step (30 bytes of HBM traffic per owned parameter)
 
-With the "gradcache" schedule a no-grad forward pass (its own pipeline fill included) runs first:
+With the "recompute" schedule a no-grad forward pass (its own pipeline fill included) runs first:
 ``+ (m + P - 1) * (tau_f + p2p / 2)``.
 
 Exposed DP traffic: the pipeline engine reduces gradients after the last backward (all of it
@@ -107,7 +107,7 @@ class Workload:
     grad_bytes: int | None = None  # bytes per communicated gradient (4 for AMP DDP)
     grad_accum_fp32: bool = False
     tf32: bool = True
-    schedule: str = "gpipe"  # or "gradcache": + one no-grad forward pass (features first)
+    schedule: str = "keep"  # or "recompute": + one no-grad forward pass (features first)
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def step_time(
             p2p += _link_time(gather, par, cluster, eff)
     slot = compute + tp + p2p
     bubble = (p - 1) * slot
-    if work.schedule == "gradcache":  # the no-grad feature pass: forwards only, its own fill
+    if work.schedule == "recompute":  # the no-grad feature pass: forwards only, its own fill
         extra = slow.fwd_compute + slow.fwd_tp + p2p / 2
         compute += slow.fwd_compute
         tp += slow.fwd_tp

@@ -4,10 +4,10 @@ Between stages the two streams travel as ONE packed float tensor per micro-batch
 allows only one grad-carrying tensor between stages with TP > 1) plus the int64 EOT positions:
 
     stage s < P-1 output: (packed [B, Sv*Dv + St*Dt], eot [B])
-    last stage output:    [B, 2E + 1] = [image features | text features | log logit scale]
+    last stage output:    [B, 2E + k] = [image features | text features | log scale (| bias)]
 
-Features are L2-normalised; the logit scale travels as a column so its gradient flows through
-the same backward as the features.
+Features are L2-normalised; the logit scale (and SigLIP's bias: k = 2) travels as columns so
+their gradients flow through the same backward as the features.
 """
 
 from __future__ import annotations
@@ -68,13 +68,13 @@ class PipeStage(ClipStage):
         if not self.span.last:
             return pack(xv, xt), eot
         img, txt = self.heads(xv, xt, eot)  # [B, E] x 2
-        scale = self.logit_scale.expand(img.shape[0], 1)  # [B, 1]
-        return torch.cat([img, txt, scale], dim=1)  # [B, 2E + 1]
+        logit = self.logit_params().expand(img.shape[0], -1)  # [B, k]: log scale (, bias)
+        return torch.cat([img, txt, logit], dim=1)  # [B, 2E + k]
 
 
 def split_outputs(out: torch.Tensor, embed_dim: int):
-    """Last-stage output [B, 2E+1] -> image [B, E], text [B, E], log logit scale [1]."""
-    return out[:, :embed_dim], out[:, embed_dim : 2 * embed_dim], out[:1, 2 * embed_dim]
+    """Last-stage output [B, 2E+k] -> image [B, E], text [B, E], [log scale (, bias)] [k]."""
+    return out[:, :embed_dim], out[:, embed_dim : 2 * embed_dim], out[0, 2 * embed_dim :]
 
 
 def cached_grad_loss(outputs: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:

@@ -4,17 +4,20 @@ Exact global-batch loss for every layout. The contrastive loss needs the feature
 micro-batches of *all* DP ranks at once, but DeepSpeed computes a loss per micro-batch. So a step
 is split in two around one global loss computation:
 
-1. features of every micro-batch of this rank (PP = 1: forwards with their graphs kept;
-   PP > 1: a no-grad pipelined forward, ``eval_batch``);
+1. features of every micro-batch of this rank;
 2. the exact loss over the global batch (all micro-batches x DP ranks, gathered over the DP
-   group only) and its gradient w.r.t. this rank's features and the logit scale, computed once;
-3. per micro-batch, backward of the surrogate ``sum(features * cached_grad)`` (PP > 1: the stock
-   1F1B ``train_batch`` with the cached gradients as labels), scaled so that DeepSpeed's division
-   by the accumulation steps and its DP averaging give exactly d(global loss)/d(parameters).
+   group only) and its gradient w.r.t. this rank's features and the logit scalars (log scale,
+   SigLIP's bias), computed once;
+3. per micro-batch, backward of the surrogate ``sum(features * cached_grad)``, scaled so that
+   DeepSpeed's division by the accumulation steps and its DP averaging give exactly
+   d(global loss)/d(parameters).
 
-Cost: PP = 1 keeps every micro-batch's activations alive until step 3 (use activation
-checkpointing for many micro-batches); PP > 1 runs the forward twice (about +1/3 compute), the
-"GradCache" scheme. Both are exact; the tests compare them with a single-process reference.
+``parallel.schedule`` says what happens to the graphs between 1 and 3: "keep" keeps them (PP = 1:
+the forwards of step 1 are reused; PP > 1: GPipe order with a global-loss instruction, one
+pipelined pass), "recompute" computes step 1 without graphs and runs every micro-batch again,
+with the same random numbers, right before its backward (PP > 1: then DeepSpeed's stock 1F1B):
+flat activation memory for one more forward. Both are exact; the tests compare them with a
+single-process reference.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import torch
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.config.train import OptimConfig
-from megaclip.loss.contrastive import clip_loss
+from megaclip.errors import ConfigError
+from megaclip.loss.contrastive import ClipLossOutput, clip_loss
+from megaclip.loss.siglip import siglip_loss
 from megaclip.model.naming import strip_prefix
 from megaclip.parallel import collectives
 from megaclip.parallel.runtime import (
@@ -39,9 +44,11 @@ from megaclip.parallel.runtime import (
     device,
     host_to_device,
     rng_state,
+    seed_training_rng,
     set_rng_state,
 )
 from megaclip.parallel.topology import Topology
+from megaclip.perf.memory import choose_schedule
 from megaclip.pipeline.stages import cached_grad_loss, split_outputs
 from megaclip.train.build import build_module
 from megaclip.train.ds_config import resolve_ds_config
@@ -79,6 +86,17 @@ def lock_tower(module: torch.nn.Module, tower: str) -> int:
     return frozen
 
 
+@contextlib.contextmanager
+def _training_mode_kept(module: torch.nn.Module):
+    """Inside, ``module.eval()`` / ``train(False)`` leave the module in training mode."""
+    original = module.train
+    module.train = lambda mode=True: original(True)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del module.train
+
+
 class _LastStageLoss:
     """The pipeline's loss_fn: collects the outputs, or runs the cached-gradient surrogate.
 
@@ -113,13 +131,21 @@ class ClipEngine:
         loss_chunk_size: int | None = 4096,
         loss_mode: str = "allgather",
         lock: str | None = None,
+        loss: str = "clip",
     ) -> None:
         import deepspeed
 
         par.check_model(model_cfg)
         configure_backends(par.precision)  # TF32 for fp32 matmuls, SDPA's fused kernels
+        seed_training_rng(seed, topo.coords.dp)  # a resumed run then restores its saved state
         self.cfg, self.par, self.topo, self.optim_cfg = model_cfg, par, topo, optim
-        self.loss_chunk_size, self.loss_mode = loss_chunk_size, loss_mode
+        self.loss_chunk_size, self.loss_mode, self.loss = loss_chunk_size, loss_mode, loss
+        self.logit_width = 2 if loss == "siglip" else 1  # [log scale (, bias)] columns
+        if (loss == "siglip") != (model_cfg.init_logit_bias is not None):
+            raise ConfigError(
+                f"loss '{loss}' needs a model {'with' if loss == 'siglip' else 'without'} a "
+                "logit_bias (model.init_logit_bias; train.loss: siglip sets it)"
+            )
         self.ds_config = resolve_ds_config(ds_config, par, gradient_clipping=optim.grad_clip)
         last_stage_loss = _LastStageLoss() if par.pp > 1 else None
         built = build_module(
@@ -157,9 +183,10 @@ class ClipEngine:
         fuse_overflow_check(self.engine.optimizer)
         self.device = device()
         self.step_count = 0
-        self.pipeline_schedule = par.pipeline_schedule
-        self._recompute_features = par.pp == 1 and par.zero_stage == 3
-        if par.pp > 1 and par.pipeline_schedule == "global":
+        # "auto" left unresolved by the caller (megaclip train resolves it against the node's
+        # memory): the planner's choice without a budget.
+        self.schedule = choose_schedule(model_cfg, par)
+        if par.pp > 1 and self.schedule == "keep":
             from megaclip.pipeline.engine import enable_global_loss
 
             enable_global_loss(self.engine, self._pipeline_global_loss)
@@ -178,26 +205,26 @@ class ClipEngine:
         if acc.device_name() != "cpu":
             acc.synchronize()
 
-    def _global_loss(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
-        """Loss over the global batch and d loss / d (this rank's features, log scale).
+    def _global_loss(self, img: torch.Tensor, txt: torch.Tensor, logit: torch.Tensor):
+        """Loss over the global batch and d loss / d (this rank's features, [log scale, bias]).
 
-        Gradients follow megaclip.loss's convention: dp x d L / d(local features), and a scale
-        gradient whose DP average is d L / d scale, so DeepSpeed's DP averaging is exact.
+        ``logit``: [log scale] (CLIP) or [log scale, bias] (SigLIP). Gradients follow
+        megaclip.loss's convention: dp x d L / d(local features), and scalar gradients whose DP
+        average is d L / d scalar, so DeepSpeed's DP averaging is exact.
         """
         img = img.detach().float().requires_grad_(True)
         txt = txt.detach().float().requires_grad_(True)
-        scale = scale.detach().float().reshape(1).requires_grad_(True)
-        clamped = scale.clamp(0.0, self.cfg.max_logit_scale)
-        out = clip_loss(
-            img,
-            txt,
-            clamped,
-            dp_group=self.topo.dp_group,
-            chunk_size=self.loss_chunk_size,
-            mode=self.loss_mode,
-        )
+        logit = logit.detach().float().reshape(-1).requires_grad_(True)
+        scale = logit[:1].clamp(0.0, self.cfg.max_logit_scale)
+        kw = dict(dp_group=self.topo.dp_group, chunk_size=self.loss_chunk_size, mode=self.loss_mode)
+        if self.loss == "siglip":
+            loss = siglip_loss(img, txt, scale, logit[1:2], **kw)
+            nan = torch.full((), float("nan"), device=img.device)  # stacked with the loss
+            out = ClipLossOutput(loss, nan, nan)  # no top-1 accuracies for the sigmoid loss
+        else:
+            out = clip_loss(img, txt, scale, **kw)
         out.loss.backward()
-        return out, img.grad, txt.grad, scale.grad
+        return out, img.grad, txt.grad, logit.grad
 
     def _metrics(self, out, scale: torch.Tensor, src_last_stage: bool) -> torch.Tensor:
         """[loss, log scale, i2t top-1, t2i top-1] on the device (zeros off the last stage)."""
@@ -206,7 +233,7 @@ class ClipEngine:
             vals = torch.stack(
                 [
                     out.loss.detach().double(),
-                    scale.detach().double().reshape(()),
+                    scale.detach().double().reshape(-1)[0],
                     out.i2t_top1.double().reshape(()),
                     out.t2i_top1.double().reshape(()),
                 ]
@@ -222,16 +249,16 @@ class ClipEngine:
                 f"train_step needs {self.par.grad_accum_steps} micro-batches, "
                 f"got {len(micro_batches)}"
             )
+        batches = micro_batches  # indexed per pass, moved to the device one at a time
         self._sync()
         t0 = time.perf_counter()
-        batches = host_to_device(micro_batches, self.device)  # non-blocking from pinned memory
         skipped_before = self.engine.skipped_steps
         if self.par.pp == 1:
             metrics, t_feat = self._step_plain(batches)
-        elif self.pipeline_schedule == "global":
+        elif self.schedule == "keep":
             metrics, t_feat = self._step_pipeline_global(batches)
         else:
-            metrics, t_feat = self._step_pipeline_gradcache(batches)
+            metrics, t_feat = self._step_pipeline_recompute(batches)
         lr = self.engine.get_lr()[0] if hasattr(self.engine, "get_lr") else float("nan")
         norm = self.engine.get_global_grad_norm()
         if isinstance(norm, torch.Tensor):  # read back with the metrics: one transfer
@@ -257,20 +284,25 @@ class ClipEngine:
             skipped=self.engine.skipped_steps > skipped_before,
         )
 
+    def _to_device(self, batch: MicroBatch) -> MicroBatch:
+        return host_to_device([batch], self.device)[0]  # non-blocking from pinned memory
+
     def _step_plain(self, batches: list[MicroBatch]):
         """PP = 1: features, the global loss once, then each micro-batch's surrogate backward.
 
-        Keeping graphs: the first forwards keep their graphs for the backwards. Recomputing (the
-        two-pass schedule, and always under ZeRO-3 with accumulation: its parameter fetching
-        needs each backward right after its forward): the first pass runs without graphs and
-        each micro-batch is run again, with the same random numbers, right before its backward.
+        "keep": the first forwards keep their graphs for the backwards (memory grows with the
+        micro-batches). "recompute" (always under ZeRO-3 with accumulation: its parameter
+        fetching needs each backward right after its forward): the first pass runs without
+        graphs, and each micro-batch is run again, with the same random numbers (patch dropout),
+        right before its backward: activations of one micro-batch at a time. The inputs stay on
+        the host between the passes.
         """
         engine, accum = self.engine, len(batches)
         engine.train()
-        recompute = self._recompute_features and accum > 1
+        recompute = self.schedule == "recompute" and accum > 1
         rng = rng_state() if recompute else None
         with torch.no_grad() if recompute else contextlib.nullcontext():
-            outs = [engine(images, tokens) for images, tokens in batches]
+            outs = [engine(*self._to_device(mb)) for mb in batches]
         img = torch.cat([o[0] for o in outs])  # [accum * b, E]
         txt = torch.cat([o[1] for o in outs])
         scale = outs[0][2]
@@ -279,8 +311,8 @@ class ClipEngine:
         if recompute:
             set_rng_state(rng)  # the second forwards replay the same patch dropout
         b = batches[0][0].shape[0]
-        for k, (images, tokens) in enumerate(batches):
-            i_k, t_k, s_k = engine(images, tokens) if recompute else outs[k]
+        for k, mb in enumerate(batches):
+            i_k, t_k, s_k = engine(*self._to_device(mb)) if recompute else outs[k]
             rows = slice(k * b, (k + 1) * b)
             surrogate = (i_k * g_img[rows].to(i_k.dtype)).sum()
             surrogate = surrogate + (t_k * g_txt[rows].to(t_k.dtype)).sum()
@@ -297,7 +329,7 @@ class ClipEngine:
         txt = torch.cat([p[1] for p in parts])
         scale = parts[0][2]
         out, g_img, g_txt, g_scale = self._global_loss(img, txt, scale)
-        per_row = (g_scale / (accum * b)).expand(b, 1)
+        per_row = (g_scale / (accum * b)).view(1, -1).expand(b, -1)  # [b, k]
         rows = [slice(k * b, (k + 1) * b) for k in range(accum)]
         cached = [
             accum * torch.cat([g_img[r], g_txt[r], per_row], dim=1).to(self.device) for r in rows
@@ -314,7 +346,7 @@ class ClipEngine:
     def _step_pipeline_global(self, batches: list[MicroBatch]):
         """One pipelined pass: m forwards, the global loss, m backwards (GlobalLossSchedule)."""
         b, e = batches[0][0].shape[0], self.cfg.embed_dim
-        dummy = torch.zeros(b, 2 * e + 1, device=self.device)
+        dummy = torch.zeros(b, 2 * e + self.logit_width, device=self.device)
         self._step_metrics = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._t_global_loss = time.perf_counter()
         loss_fn = self.last_stage_loss
@@ -328,19 +360,24 @@ class ClipEngine:
         collectives.broadcast(metrics, collectives.last_rank(pp), pp)  # on the device
         return metrics, self._t_global_loss
 
-    def _step_pipeline_gradcache(self, batches: list[MicroBatch]):
-        """Two pipelined passes: no-grad features, then stock 1F1B with cached gradients."""
+    def _step_pipeline_recompute(self, batches: list[MicroBatch]):
+        """Two pipelined passes: no-grad features, then stock 1F1B with cached gradients.
+
+        The feature pass runs in training mode (DeepSpeed's eval_batch would switch patch
+        dropout off) and the second pass replays its random numbers.
+        """
         engine, accum, e = self.engine, len(batches), self.cfg.embed_dim
         b = batches[0][0].shape[0]
         last = self.topo.is_last_stage
-        dummy = torch.zeros(b, 2 * e + 1, device=self.device)
+        dummy = torch.zeros(b, 2 * e + self.logit_width, device=self.device)
         rng = rng_state()
         loss_fn = self.last_stage_loss
         loss_fn.collected, loss_fn.detach = [], True
         try:
-            engine.eval_batch(
-                iter([(mb, dummy) for mb in batches]), reduce_output=None, bcast_loss=False
-            )
+            with _training_mode_kept(engine.module):
+                engine.eval_batch(
+                    iter([(mb, dummy) for mb in batches]), reduce_output=None, bcast_loss=False
+                )
             feats = loss_fn.collected
         finally:
             loss_fn.collected = None
@@ -377,7 +414,7 @@ class ClipEngine:
             if len(batches) > self.par.grad_accum_steps:
                 raise ValueError(f"at most {self.par.grad_accum_steps} micro-batches per call")
             b, e = batches[0][0].shape[0], self.cfg.embed_dim
-            dummy = torch.zeros(b, 2 * e + 1, device=self.device)
+            dummy = torch.zeros(b, 2 * e + self.logit_width, device=self.device)
             loss_fn = self.last_stage_loss
             loss_fn.collected, loss_fn.detach = [], True
             try:
@@ -410,8 +447,11 @@ class ClipEngine:
 
         return load_latest(self, ckpt_root)
 
-    def initialize_from(self, path: str) -> None:
-        """Replace the initial weights by an open_clip file / universal / megaclip checkpoint."""
+    def initialize_from(self, path: str, *, new_logit_bias: bool = False) -> None:
+        """Replace the initial weights by an open_clip file / universal / megaclip checkpoint.
+
+        ``new_logit_bias``: a source without logit_bias may start this SigLIP model.
+        """
         from megaclip.checkpoint.universal import initialize_from
 
-        initialize_from(self, path)
+        initialize_from(self, path, new_logit_bias=new_logit_bias)

@@ -115,7 +115,7 @@ def check_checkpoint_inputs(cfg: Any) -> None:
         if (path / UNIVERSAL_META).is_file() or not (path / META_FILE).is_file():
             return  # universal layout / open_clip: checked by its loader
         meta = read_meta(path)
-        check_same_model(meta.model, cfg.model, str(path))
+        check_same_model(meta.model, cfg.model, str(path), new_logit_bias=cfg.train.new_logit_bias)
         verify_files(path, meta)
 
     t = cfg.train

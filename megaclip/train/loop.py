@@ -21,6 +21,7 @@ from megaclip.model.flops import model_cost
 from megaclip.parallel import collectives
 from megaclip.parallel.runtime import init_distributed, pin_memory_default
 from megaclip.parallel.topology import Topology
+from megaclip.perf.memory import choose_schedule
 from megaclip.train.ds_config import load_ds_config, resolve_ds_config
 from megaclip.train.engine import ClipEngine, StepResult
 from megaclip.train.faults import (  # reliability: see docs/reliability.md
@@ -36,7 +37,7 @@ from megaclip.train.faults import (  # reliability: see docs/reliability.md
 )
 from megaclip.train.memlog import PhaseLog
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
-from megaclip.train.preflight import check_memory
+from megaclip.train.preflight import check_memory, node_budget
 
 
 def micro_batch_stream(
@@ -144,8 +145,18 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     par.check_world(int(os.environ.get("WORLD_SIZE", "1")))
     resolved_ds = resolve_ds_config(ds, par, gradient_clipping=cfg.optim.grad_clip)
     cfg = dataclasses.replace(cfg, parallel=par)
+    budget = node_budget()
+    schedule = choose_schedule(
+        cfg.model,
+        par,
+        budget.bytes if budget else None,
+        host=bool(budget and budget.host),
+        ds=resolved_ds,
+    )
+    par = dataclasses.replace(par, schedule=schedule)  # "auto" resolved, recorded in config.yaml
+    cfg = dataclasses.replace(cfg, parallel=par)
     if cfg.train.memory_check:  # before anything is allocated
-        check_memory(cfg.model, par, ds=resolved_ds)
+        check_memory(cfg.model, par, ds=resolved_ds, budget=budget)
     tokenizer = _tokenizer(cfg)
     if cfg.data.kind == "webdataset":
         from megaclip.data import resolve_shards
@@ -181,6 +192,7 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
             patch_dropout=t.patch_dropout,
             loss_chunk_size=t.loss_chunk_size,
             loss_mode=t.loss_mode,
+            loss=t.loss,
             lock=lock,
         )
     # -- reliability (megaclip/train/faults.py): a lost or silent peer ends the run in one line
@@ -214,7 +226,8 @@ def _train_steps(
     if is_main:
         progress.write(
             f"training {cfg.model.name} on {world} processes (tp={par.tp} pp={par.pp} "
-            f"dp={par.dp}, ZeRO-{par.zero_stage}, {par.precision}), global batch "
+            f"dp={par.dp}, ZeRO-{par.zero_stage}, {par.precision}, schedule {par.schedule}), "
+            "global batch "
             f"{par.global_batch_size}, {t.steps} steps; peak {peak:.2f} TFLOP/s ({peak_source})"
         )
     last: StepResult | None = None
@@ -322,7 +335,7 @@ class TrainHooks:
                 print(f"resumed from {self.ckpt_dir} at step {step}", flush=True)
             return step
         if t.init_from:
-            self.engine.initialize_from(t.init_from)
+            self.engine.initialize_from(t.init_from, new_logit_bias=t.new_logit_bias)
             if dist.get_rank() == 0:
                 print(f"initialised the weights from {t.init_from}", flush=True)
         return 0

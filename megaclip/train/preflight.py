@@ -119,7 +119,7 @@ def check_memory(
     from megaclip.perf.memory import rank_peaks
 
     budget = budget or node_budget()
-    if budget is None:
+    if budget is None:  # not readable here: nothing to check against
         return
     peaks = rank_peaks(cfg, par, host=budget.host, ds=ds)
     worst = max(peaks, key=lambda r: r.peak)

@@ -7,14 +7,13 @@ import sys
 
 import torch
 
-from megaclip.config.model import load_preset
 from megaclip.config.parallel import ParallelConfig
 from megaclip.model.naming import to_open_clip_key
 from megaclip.parallel.runtime import clean_exit, init_distributed
 from megaclip.parallel.topology import Topology
 from megaclip.parallel.tp_state import full_state
 from megaclip.train.engine import ClipEngine, OptimConfig
-from tests.reference import OPTIM, global_batch, rank_micro_batches
+from tests.reference import OPTIM, global_batch, model_for, rank_micro_batches
 
 
 def main(out_dir: str, spec_json: str) -> None:
@@ -30,10 +29,10 @@ def main(out_dir: str, spec_json: str) -> None:
         grad_accum_steps=spec["accum"],
         precision=spec.get("precision", "fp32"),
         activation_checkpointing=spec.get("recompute", False),
-        pipeline_schedule=spec.get("schedule", "global"),
+        schedule=spec.get("schedule", "auto"),
     )
     topo = Topology(par)
-    cfg = load_preset(spec["model"])
+    cfg = model_for(spec["model"], spec.get("loss", "clip"))
     engine = ClipEngine(
         cfg,
         par,
@@ -42,6 +41,8 @@ def main(out_dir: str, spec_json: str) -> None:
         OptimConfig(**OPTIM),
         seed=spec["seed"],
         loss_mode=spec.get("loss_mode", "allgather"),
+        loss=spec.get("loss", "clip"),
+        patch_dropout=spec.get("patch_dropout", 0.0),
     )
     losses, times = [], []
     for step in range(spec["steps"]):
