@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from megaclip.checkpoint.openclip import to_open_clip
@@ -38,8 +40,16 @@ def rank_micro_batches(images, tokens, par: ParallelConfig, dp_rank: int):
     ]
 
 
-def reference_run(model: str, global_size: int, steps: int, seed: int):
-    """Losses per step and final open_clip-keyed weights of plain single-process training."""
+class Reference(NamedTuple):
+    """What the layouts are compared with: per-step losses, final weights, step-1 exp_avg."""
+
+    losses: list[float]
+    state: dict[str, torch.Tensor]
+    exp_avg: dict[str, torch.Tensor]  # Adam's first moment after step 1: (1 - beta1) x gradient
+
+
+def reference_run(model: str, global_size: int, steps: int, seed: int) -> Reference:
+    """Plain single-process training: losses, open_clip-keyed weights and step-1 moments."""
     cfg = load_preset(model)
     net = ClipModel(cfg)
     init_parameters(net, cfg, seed)
@@ -47,7 +57,7 @@ def reference_run(model: str, global_size: int, steps: int, seed: int):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_at(s, 1.0, OPTIM["warmup_steps"], OPTIM["total_steps"], 0.0)
     )
-    losses = []
+    losses, exp_avg = [], {}
     for step in range(steps):
         images, tokens = global_batch(cfg, global_size, seed=1000 + step)
         img, txt, scale = net(images, tokens)
@@ -57,4 +67,7 @@ def reference_run(model: str, global_size: int, steps: int, seed: int):
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return losses, to_open_clip(net.state_dict())
+        if step == 0:
+            moments = {n: opt.state[p]["exp_avg"].clone() for n, p in net.named_parameters()}
+            exp_avg = to_open_clip(moments)
+    return Reference(losses, to_open_clip(net.state_dict()), exp_avg)
