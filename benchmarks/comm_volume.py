@@ -6,7 +6,7 @@ For every layout it launches torchrun, wraps torch.distributed's collectives in 
 (megaclip.bench.comm) before DeepSpeed starts, records ``--steps`` steps after ``--warmup``,
 classifies each call by process group (TP / DP / PP; the loss's gathers are tagged while the
 engine computes the global loss) and compares the per-step payload with
-megaclip.bench.analytic. Initialisation broadcasts happen before recording and are excluded.
+megaclip.perf.comm.comm_volume. Initialisation broadcasts happen before recording and are excluded.
 """
 
 from __future__ import annotations
@@ -18,15 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaclip.bench.compare import (  # noqa: E402
-    compare_comm,
-    fmt_bytes,
-    rank_volume,
-    run_workers,
-    summarize_comm,
-)
+from megaclip.bench.compare import compare_comm, fmt_bytes, run_workers, summarize_comm  # noqa: E402
 from megaclip.bench.harness import BenchSpec  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
+from megaclip.perf.comm import comm_volume  # noqa: E402
 
 ZERO3_ALL_GATHERED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
@@ -40,8 +35,12 @@ LAYOUTS = {
     "dp2-zero3-m1": (1, 1, 2, 3, 4, 1, ZERO3_ALL_GATHERED),
     "pp2": (1, 2, 1, 1, 2, 2, {}),
     "tp2xpp2": (2, 2, 1, 1, 2, 2, {}),
+    "pp2-gradcache": (1, 2, 1, 1, 2, 2, {}),
+    "tp2xpp2-gradcache": (2, 2, 1, 1, 2, 2, {}),
 }
-DEFAULT = "tp2,dp2-zero0,dp2-zero1,dp2-zero2,dp2-zero3,dp2-zero3-m1,pp2,tp2xpp2"
+#: PP layouts on the two-pass schedule (no-grad feature pass, then stock 1F1B); else "global".
+GRADCACHE = ("pp2-gradcache", "tp2xpp2-gradcache")
+DEFAULT = ",".join(LAYOUTS)
 
 
 def measure(name: str, model: str, steps: int, warmup: int, precision: str) -> dict:
@@ -50,6 +49,7 @@ def measure(name: str, model: str, steps: int, warmup: int, precision: str) -> d
     spec = BenchSpec(
         model=model, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, accum=accum,
         precision=precision, steps=steps, warmup=warmup, ds_overrides=ds,
+        schedule="gradcache" if name in GRADCACHE else "global",
     )  # fmt: skip
     world = tp * pp * dp
     results = run_workers("comm", spec, world)
@@ -57,7 +57,7 @@ def measure(name: str, model: str, steps: int, warmup: int, precision: str) -> d
     par = spec.parallel(world)
     ranks = []
     for r in results:
-        rows = compare_comm(r["rows"], rank_volume(cfg, par, r["pp"]))
+        rows = compare_comm(r["rows"], comm_volume(cfg, par, r["pp"]))
         s = summarize_comm(rows)
         ranks.append(
             {

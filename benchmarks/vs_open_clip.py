@@ -14,7 +14,7 @@ timed in process CPU time (the primary figure: on a shared machine wall time mos
 the scheduler; with --threads 1, the default, CPU time is the work done) and in wall time.
 Reported: medians per side, the ratio megaclip / open_clip, forward+backward without the
 optimizer, and MFU = 6 x MACs x batch / step time / peak, where the peak is the best square GEMM
-(megaclip.bench.peak.probe_matmul) of the same dtype measured in this process with the same
+(megaclip.train.metrics.probe_matmul) of the same dtype measured in this process with the same
 thread count, before and after the steps, in the same clock (CPU or wall). --profile prints
 torch.profiler's top operators of one step of each side.
 """
@@ -32,9 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from megaclip.bench.formulas import median  # noqa: E402
 from megaclip.bench.harness import synthetic_config  # noqa: E402
-from megaclip.bench.peak import probe_matmul  # noqa: E402
 from megaclip.checkpoint.openclip import open_clip_model, to_open_clip  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
 from megaclip.data.synthetic import synthetic_batch  # noqa: E402
@@ -42,6 +40,8 @@ from megaclip.loss.contrastive import clip_loss  # noqa: E402
 from megaclip.model.clip import ClipModel  # noqa: E402
 from megaclip.model.flops import model_cost  # noqa: E402
 from megaclip.model.init import init_parameters  # noqa: E402
+from megaclip.perf.throughput import median  # noqa: E402
+from megaclip.train.metrics import probe_matmul  # noqa: E402
 from megaclip.train.optim import build_optimizer, param_groups  # noqa: E402
 
 

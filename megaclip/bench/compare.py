@@ -1,4 +1,7 @@
-"""Measured-vs-analytic comparison tables (pure functions over the workers' JSON results)."""
+"""Measured-vs-analytic comparison tables (pure functions over the workers' JSON results).
+
+The analytic side comes from :mod:`megaclip.perf` (comm_volume, rank_model_states).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megaclip.bench.analytic import Volume, rank_params, rank_state_memory, stage_of
 from megaclip.bench.harness import BenchSpec
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
+from megaclip.perf.comm import Volume
+from megaclip.perf.memory import default_stages, ds_buckets, rank_model_states, stage_params
 
 MODELLED = ("tp", "dp", "pp", "loss")
 
@@ -108,23 +112,30 @@ def summarize_comm(rows: Sequence[CommRow]) -> CommSummary:
     return CommSummary(mp, ap, ms, asent, up, tuple(unmod))
 
 
-def rank_volume(cfg: ClipConfig, par: ParallelConfig, pp_rank: int) -> list[Volume]:
-    """Analytic volumes of one rank of stage ``pp_rank`` (see :mod:`megaclip.bench.analytic`)."""
-    from megaclip.bench.analytic import comm_volume
+def memory_row(
+    cfg: ClipConfig, par: ParallelConfig, result: dict[str, Any], ds: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Counted vs predicted model-state bytes of one rank's memory-worker result.
 
-    return comm_volume(cfg, par, pp_rank)
-
-
-def memory_row(cfg: ClipConfig, par: ParallelConfig, result: dict[str, Any]) -> dict[str, Any]:
-    """Measured (counted) vs analytic model-state bytes of one rank's memory-worker result."""
-    analytic = rank_state_memory(cfg, par, result["pp"]).as_dict()
+    The prediction is :func:`megaclip.perf.memory.rank_model_states` with the bucket settings of
+    the run's DeepSpeed config ``ds`` (None: the planner's); ``buffers`` is its persistent
+    buffer term (ZeRO-3's gradient bucket), to compare with the count's "other".
+    """
+    states = rank_model_states(cfg, par, result["pp"], **ds_buckets(ds))
+    analytic = {
+        "params": states.params,
+        "grads": states.grads,
+        "optimizer": states.optimizer,
+        "total": states.model_states,
+    }
     counted = result["counted"]
     row: dict[str, Any] = {
         "rank": result["rank"],
         "pp": result["pp"],
-        "n_analytic": rank_params(cfg, par.tp, stage_of(cfg, par, result["pp"])),
+        "n_analytic": stage_params(cfg, par.tp, default_stages(cfg, par.pp)[result["pp"]]),
         "n_measured": result["params_local"],
         "other": counted["other"],
+        "buffers": states.buffers,
     }
     for key in ("params", "grads", "optimizer", "total"):
         row[key] = counted[key]

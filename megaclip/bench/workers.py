@@ -1,7 +1,7 @@
 """Per-rank benchmark workers (run under torchrun): comm volume, model-state memory, step times.
 
 Each writes one JSON file per rank into an output directory; the scripts in benchmarks/ spawn
-them and compare the files with :mod:`megaclip.bench.analytic`. Usage (what the scripts run)::
+them and compare the files with :mod:`megaclip.perf`'s formulas. Usage (what the scripts run)::
 
     torchrun --nproc_per_node N -m megaclip.bench.workers KIND OUT_DIR SPEC_JSON
 
