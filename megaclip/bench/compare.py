@@ -148,13 +148,13 @@ def memory_row(
 
 
 def run_workers(kind: str, spec: BenchSpec, nproc: int, timeout: float = 600.0) -> list[dict]:
-    """Spawn ``nproc`` ranks of :mod:`megaclip.bench.workers` and return their JSON results."""
+    """Spawn ``nproc`` ranks of :mod:`megaclip.cli.bench_worker`; return their JSON results."""
     from megaclip.bench.launch import spawn
 
     with tempfile.TemporaryDirectory(prefix=f"megaclip-{kind}-") as tmp:
         proc = spawn(
             nproc,
-            ["-m", "megaclip.bench.workers", kind, tmp, spec.to_json()],
+            ["-m", "megaclip.cli.bench_worker", kind, tmp, spec.to_json()],
             capture=True,
             timeout=timeout,
         )

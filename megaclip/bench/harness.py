@@ -14,13 +14,14 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from megaclip.config.model import ClipConfig, resolve_model
 from megaclip.config.parallel import ParallelConfig
+from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.data.synthetic import SyntheticConfig, synthetic_batches
 from megaclip.errors import ConfigError
 
@@ -42,7 +43,7 @@ class BenchSpec:
     recompute: bool = False
     schedule: str = "global"  # PP > 1: "global" (one pass) or "gradcache" (two passes)
     seed: int = 0
-    loss_chunk_size: int | None = 4096
+    loss_chunk_size: int | None = LOSS_CHUNK_SIZE
     ds_overrides: dict[str, Any] = field(default_factory=dict)
 
     def world_size(self, default_dp: int = 1) -> int:
@@ -77,10 +78,6 @@ class BenchSpec:
     def from_json(cls, text: str) -> BenchSpec:
         """The spec written by to_json."""
         return cls(**json.loads(text))
-
-    def with_(self, **changes: Any) -> BenchSpec:
-        """A copy with some fields changed."""
-        return replace(self, **changes)
 
 
 def synthetic_config(cfg: ClipConfig, micro_batch: int, seed: int) -> SyntheticConfig:

@@ -7,9 +7,31 @@ from typing import Literal
 
 from megaclip.config.model import ClipConfig
 from megaclip.errors import ConfigError
-from megaclip.parallel.shapes import check_tensor_parallel
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def check_tensor_parallel(cfg: ClipConfig, tp: int) -> None:
+    """Raise one ConfigError if ``tp`` cannot split both towers' heads and MLPs evenly."""
+    if tp < 1:
+        raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
+    problems = []
+    for tower, c in (("vision", cfg.vision), ("text", cfg.text)):
+        if c.heads % tp:
+            problems.append(f"{tower}.heads={c.heads}")
+        if c.mlp_dim % tp:
+            problems.append(f"{tower}.mlp_dim={c.mlp_dim}")
+    if problems:
+        options = [
+            d
+            for d in range(1, 65)
+            if all(x % d == 0 for x in (cfg.vision.heads, cfg.text.heads))
+            and all(x % d == 0 for x in (cfg.vision.mlp_dim, cfg.text.mlp_dim))
+        ]
+        raise ConfigError(
+            f"tensor parallel size {tp} does not divide {', '.join(problems)} of model "
+            f"'{cfg.name}'; valid tp values for this model: {options}"
+        )
 
 
 @dataclass(frozen=True)

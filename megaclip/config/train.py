@@ -11,6 +11,10 @@ from megaclip.config.parallel import ParallelConfig
 from megaclip.config.schema import apply_overrides, from_dict, load_mapping, to_dict
 from megaclip.errors import ConfigError
 
+#: Columns per chunk of the contrastive / SigLIP loss's online log-sum-exp (extra memory
+#: O(rows x chunk)): the default of ``train.loss_chunk_size``, the loss modules and the engine.
+LOSS_CHUNK_SIZE = 4096
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -84,7 +88,7 @@ class TrainSection:
     patch_dropout: float = 0.0
     lock_image: bool = False
     lock_text: bool = False
-    loss_chunk_size: int = 4096
+    loss_chunk_size: int = LOSS_CHUNK_SIZE
     # "allgather": gather all features once; "stream": owners' blocks broadcast in turn, memory
     # independent of the global batch (see docs/loss.md)
     loss_mode: Literal["allgather", "stream"] = "allgather"
