@@ -7,9 +7,9 @@ steps and, at the last optimizer step (before DeepSpeed frees the gradients), co
 unique tensor storage the module and DeepSpeed's optimizer hold (megaclip.bench.memory): module
 parameters / ZeRO-3 partitions, gradients and gradient partitions, fp32 master partitions and
 Adam's moments. Next to the count: megaclip.perf.memory.rank_model_states (what ``megaclip
-plan`` uses), evaluated with the benchmark's DeepSpeed settings (DeepSpeed's default
-5e8-element buckets). "buffers" is the planner's persistent-buffer term (ZeRO-3's gradient
-bucket), compared with the count's "other".
+plan`` uses), evaluated with the bucket settings of the DeepSpeed config the engine runs with
+(megaclip's resolved defaults: 5e7-element buckets). "buffers" is the planner's persistent-buffer
+term (ZeRO-3's gradient bucket), compared with the count's "other".
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megaclip.bench.compare import fmt_bytes, memory_row, run_workers  # noqa: E402
 from megaclip.bench.harness import BenchSpec, ds_config_for  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
+from megaclip.train.ds_config import resolve_ds_config  # noqa: E402
 
 ZERO3 = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
@@ -50,7 +51,7 @@ def measure(name: str, model: str, precision: str) -> dict:
     cfg = resolve_model(model)
     par = spec.parallel(world)
     rows = [
-        memory_row(cfg, par, r, ds_config_for(spec))
+        memory_row(cfg, par, r, resolve_ds_config(ds_config_for(spec), par))
         | {k: r[k] for k in ("largest", "optimizer_class")}
         for r in results
     ]

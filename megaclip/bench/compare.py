@@ -118,7 +118,7 @@ def memory_row(
     """Counted vs predicted model-state bytes of one rank's memory-worker result.
 
     The prediction is :func:`megaclip.perf.memory.rank_model_states` with the bucket settings of
-    the run's DeepSpeed config ``ds`` (None: the planner's); ``buffers`` is its persistent
+    the run's resolved DeepSpeed config ``ds`` (None: the planner's); ``buffers`` is its persistent
     buffer term (ZeRO-3's gradient bucket), to compare with the count's "other".
     """
     states = rank_model_states(cfg, par, result["pp"], **ds_buckets(ds))
