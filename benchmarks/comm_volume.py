@@ -18,12 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaclip.bench.compare import compare_comm, fmt_bytes, run_workers, summarize_comm  # noqa: E402
-from megaclip.bench.harness import BenchSpec  # noqa: E402
+from megaclip.bench.compare import (  # noqa: E402
+    compare_comm,
+    fmt_bytes,
+    layout_spec,
+    report_all,
+    run_workers,
+    summarize_comm,
+)
+from megaclip.bench.harness import ZERO3_ALL_GATHERED  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
 from megaclip.perf.comm import comm_volume  # noqa: E402
-
-ZERO3_ALL_GATHERED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
 # name -> (tp, pp, dp, zero, micro, accum, ds_overrides)
 LAYOUTS = {
@@ -45,13 +50,11 @@ DEFAULT = ",".join(LAYOUTS)
 
 def measure(name: str, model: str, steps: int, warmup: int, precision: str) -> dict:
     """Run one layout; per rank: rows (measured vs analytic) and the summary."""
-    tp, pp, dp, zero, micro, accum, ds = LAYOUTS[name]
-    spec = BenchSpec(
-        model=model, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, accum=accum,
-        precision=precision, steps=steps, warmup=warmup, ds_overrides=ds,
+    spec = layout_spec(
+        LAYOUTS[name], model=model, precision=precision, steps=steps, warmup=warmup,
         schedule="gradcache" if name in GRADCACHE else "global",
     )  # fmt: skip
-    world = tp * pp * dp
+    world = spec.world_size()
     results = run_workers("comm", spec, world)
     cfg = resolve_model(model)
     par = spec.parallel(world)
@@ -109,15 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
     args = p.parse_args(argv)
-    out = []
-    for name in args.layouts.split(","):
-        res = measure(name.strip(), args.model, args.steps, args.warmup, args.precision)
-        print_layout(res)
-        sys.stdout.flush()
-        out.append(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
-    return 0
+    run = lambda name: measure(name, args.model, args.steps, args.warmup, args.precision)  # noqa: E731
+    return report_all(args.layouts.split(","), run, print_layout, args.json)
 
 
 if __name__ == "__main__":

@@ -21,19 +21,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaclip.bench.compare import fmt_bytes, memory_row, run_workers  # noqa: E402
-from megaclip.bench.harness import BenchSpec, ds_config_for  # noqa: E402
+from megaclip.bench.compare import (  # noqa: E402
+    fmt_bytes,
+    layout_spec,
+    memory_row,
+    report_all,
+    run_workers,
+)
+from megaclip.bench.harness import ZERO3_ALL_GATHERED, ds_config_for  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
 from megaclip.train.ds_config import resolve_ds_config  # noqa: E402
-
-ZERO3 = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
 # name -> (tp, pp, dp, zero, micro, accum, ds_overrides)
 LAYOUTS = {
     "dp2-zero0": (1, 1, 2, 0, 2, 1, {}),
     "dp2-zero1": (1, 1, 2, 1, 2, 1, {}),
     "dp2-zero2": (1, 1, 2, 2, 2, 1, {}),
-    "dp2-zero3": (1, 1, 2, 3, 2, 1, ZERO3),
+    "dp2-zero3": (1, 1, 2, 3, 2, 1, ZERO3_ALL_GATHERED),
     "tp2": (2, 1, 1, 1, 2, 1, {}),
     "pp2": (1, 2, 1, 1, 2, 2, {}),
 }
@@ -41,12 +45,8 @@ LAYOUTS = {
 
 def measure(name: str, model: str, precision: str) -> dict:
     """Run one layout's memory workers; counted vs predicted rows per rank."""
-    tp, pp, dp, zero, micro, accum, ds = LAYOUTS[name]
-    spec = BenchSpec(
-        model=model, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, accum=accum,
-        precision=precision, steps=2, warmup=0, ds_overrides=ds,
-    )  # fmt: skip
-    world = tp * pp * dp
+    spec = layout_spec(LAYOUTS[name], model=model, precision=precision, steps=2, warmup=0)
+    world = spec.world_size()
     results = run_workers("memory", spec, world)
     cfg = resolve_model(model)
     par = spec.parallel(world)
@@ -83,15 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
     args = p.parse_args(argv)
-    out = []
-    for name in args.layouts.split(","):
-        res = measure(name.strip(), args.model, args.precision)
-        print_layout(res)
-        sys.stdout.flush()
-        out.append(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
-    return 0
+    run = lambda name: measure(name, args.model, args.precision)  # noqa: E731
+    return report_all(args.layouts.split(","), run, print_layout, args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ torch.profiler's top operators of one step of each side.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from megaclip.bench.compare import report_all  # noqa: E402
 from megaclip.bench.harness import synthetic_config  # noqa: E402
 from megaclip.checkpoint.openclip import open_clip_model, to_open_clip  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
@@ -235,15 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    results = []
-    for precision in args.precision.split(","):
-        r = run(args, precision.strip())
-        print_result(r)
-        sys.stdout.flush()
-        results.append(r)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
-    return 0
+    return report_all(args.precision.split(","), lambda p: run(args, p), print_result, args.json)
 
 
 if __name__ == "__main__":

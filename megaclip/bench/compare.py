@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,36 @@ def run_workers(kind: str, spec: BenchSpec, nproc: int, timeout: float = 600.0) 
     if len(results) != nproc:
         raise RuntimeError(f"{kind} worker: expected {nproc} results, got {len(results)}")
     return sorted(results, key=lambda r: r["rank"])
+
+
+#: A benchmark layout row: (tp, pp, dp, zero, micro, accum, ds_overrides).
+LayoutRow = tuple[int, int, int, int, int, int, dict[str, Any]]
+
+
+def layout_spec(row: LayoutRow, **fields: Any) -> BenchSpec:
+    """The BenchSpec of a layout row, other fields (model, precision, steps, ...) given."""
+    tp, pp, dp, zero, micro, accum, ds = row
+    return BenchSpec(
+        tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, accum=accum, ds_overrides=ds, **fields
+    )
+
+
+def report_all(
+    names: Iterable[str],
+    measure: Callable[[str], dict],
+    show: Callable[[dict], None],
+    json_path: str | None = None,
+) -> int:
+    """Measure and print each named case as it finishes; all results to ``json_path`` if set."""
+    out = []
+    for name in names:
+        res = measure(name.strip())
+        show(res)
+        sys.stdout.flush()
+        out.append(res)
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=1), encoding="utf-8")
+    return 0
 
 
 def fmt_bytes(x: float | None) -> str:

@@ -25,6 +25,9 @@ from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.data.synthetic import SyntheticConfig, synthetic_batches
 from megaclip.errors import ConfigError
 
+#: DeepSpeed override that makes ZeRO-3 gather every parameter (none stays resident).
+ZERO3_ALL_GATHERED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+
 
 @dataclass(frozen=True)
 class BenchSpec:

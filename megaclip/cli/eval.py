@@ -203,21 +203,35 @@ def _zeroshot(args: argparse.Namespace) -> int:
         "classes": len(classnames),
         "templates": len(templates),
         **result,
+        **_run_stats(stats, t0, t1, t2),
+    }
+    lines = [
+        f"zero-shot {out['model']} on {args.data}: {out['n']} images, {out['classes']} "
+        f"classes x {out['templates']} templates",
+        f"  top-1 {_pct(out['top1'])}  top-5 {_pct(out['top5'])}",
+    ]
+    return _report(args, out, lines, stats)
+
+
+def _run_stats(stats, t0: float, t1: float, t2: float) -> dict:
+    """Skipped samples (``stats``: the loader's SkipStats or None) and load / eval seconds."""
+    return {
         "skipped": stats.skipped if stats is not None else 0,
         "load_seconds": round(t1 - t0, 3),
         "eval_seconds": round(t2 - t1, 3),
     }
+
+
+def _report(args: argparse.Namespace, out: dict, lines: list[str], stats) -> int:
+    """Print ``out`` as one JSON line (--json) or ``lines`` plus skips and timings."""
     if args.json:
         print(json.dumps(out))
-    else:
-        print(
-            f"zero-shot {out['model']} on {args.data}: {out['n']} images, {out['classes']} "
-            f"classes x {out['templates']} templates"
-        )
-        print(f"  top-1 {_pct(out['top1'])}  top-5 {_pct(out['top5'])}")
-        if out["skipped"]:
-            print(f"  skipped samples: {stats.summary()}")
-        print(f"  load {out['load_seconds']:.1f}s, eval {out['eval_seconds']:.1f}s")
+        return 0
+    for line in lines:
+        print(line)
+    if out["skipped"]:
+        print(f"  skipped samples: {stats.summary()}")
+    print(f"  load {out['load_seconds']:.1f}s, eval {out['eval_seconds']:.1f}s")
     return 0
 
 
@@ -258,24 +272,16 @@ def _retrieval(args: argparse.Namespace) -> int:
         "model": model.cfg.name,
         "data": args.data,
         **result,
-        "skipped": loader.skip_stats.skipped,
-        "load_seconds": round(t1 - t0, 3),
-        "eval_seconds": round(t2 - t1, 3),
+        **_run_stats(loader.skip_stats, t0, t1, t2),
     }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(
-            f"retrieval {out['model']} on {args.data}: {out['n_images']} images, "
-            f"{out['n_texts']} captions"
-        )
-        for direction in ("image_to_text", "text_to_image"):
-            cells = "  ".join(f"R@{k} {_pct(out[f'{direction}_R@{k}'])}" for k in ks)
-            print(f"  {direction.replace('_', ' '):<14} {cells}")
-        if out["skipped"]:
-            print(f"  skipped samples: {loader.skip_stats.summary()}")
-        print(f"  load {out['load_seconds']:.1f}s, eval {out['eval_seconds']:.1f}s")
-    return 0
+    lines = [
+        f"retrieval {out['model']} on {args.data}: {out['n_images']} images, "
+        f"{out['n_texts']} captions"
+    ]
+    for direction in ("image_to_text", "text_to_image"):
+        cells = "  ".join(f"R@{k} {_pct(out[f'{direction}_R@{k}'])}" for k in ks)
+        lines.append(f"  {direction.replace('_', ' '):<14} {cells}")
+    return _report(args, out, lines, loader.skip_stats)
 
 
 def _benchmark(args: argparse.Namespace, kind: str):
