@@ -45,7 +45,10 @@ setup(
             "transformers>=4.40,<6",  # HF CLIPModel export/import tests
             "clip-benchmark>=1.6,<2",  # CLIP_benchmark agreement test
             "requests>=2.28",  # imported by clip-benchmark, which does not declare it
+            "webdataset>=0.2",  # benchmarks/data_throughput.py: open_clip's data pipeline
         ],
+        # remote shards: s3://, gs://, hf:// ... through fsspec (http(s) and pipe: need nothing)
+        "remote": ["fsspec>=2023.1", "s3fs>=2023.1"],
         # Hugging Face transformers: verify exports (`convert --to hf --verify`), load them.
         "hf": ["transformers>=4.40,<6"],
         "demo": ["scikit-learn>=1.3", "pillow>=9"],

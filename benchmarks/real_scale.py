@@ -178,6 +178,7 @@ def main() -> None:
     from megaclip.config.model import resolve_model
     from megaclip.config.parallel import ParallelConfig
     from megaclip.perf.memory import rank_peaks
+    from megaclip.train.ds_config import resolve_ds_config
 
     layout = parse_layout(args.layout)
     name = f"{args.model}-{args.layout}{'-ckpt' if args.recompute else ''}"
@@ -196,7 +197,8 @@ def main() -> None:
         precision=args.precision,
         activation_checkpointing=args.recompute,
     )
-    planned = [r.peak / GIB for r in rank_peaks(cfg, par, host=True)]
+    ds = resolve_ds_config({}, par, gradient_clipping=0.0)  # what `deepspeed=null` runs with
+    planned = [r.peak / GIB for r in rank_peaks(cfg, par, host=True, ds=ds)]
 
     rc1, sampled1, t1 = train(args, layout, run, args.steps, out / "train.log")
     steps_ok = rc1 == 0
@@ -214,7 +216,7 @@ def main() -> None:
     if steps_ok:
         cmd = [sys.executable, "-m", "megaclip.cli.main", "convert", str(run / "checkpoints")]
         rc3, convert_peak, t3 = timed(
-            [*cmd, "--to", "open_clip", "--out", str(export)], out / "convert.log"
+            [*cmd, "--to", "open_clip", "--fp32-master", "--out", str(export)], out / "convert.log"
         )
     export_gib = export.stat().st_size / GIB if export.is_file() else float("nan")
     strict = False

@@ -66,5 +66,20 @@ def test_spec_matching_nothing_names_the_spec(tmp_path):
 def test_directory_and_remote_specs(tmp_path):
     with pytest.raises(DataError, match="is a directory"):
         resolve_shards(str(tmp_path))
-    with pytest.raises(DataError, match="remote URL"):
-        resolve_shards("s3://bucket/{0..1}.tar")
+    # remote specs are expanded, not checked for existence (a failing one is skipped when read)
+    assert resolve_shards("pipe:aws s3 cp s3://b/{00..02}.tar -") == [
+        f"pipe:aws s3 cp s3://b/{i:02d}.tar -" for i in range(3)
+    ]
+    assert resolve_shards("http://127.0.0.1:9/x-{0..1}.tar::https://h/y.tar") == [
+        "http://127.0.0.1:9/x-0.tar",
+        "http://127.0.0.1:9/x-1.tar",
+        "https://h/y.tar",
+    ]
+    assert resolve_shards(f"file://{tmp_path}/a-{{0..1}}.tar") == [
+        f"file://{tmp_path}/a-0.tar",
+        f"file://{tmp_path}/a-1.tar",
+    ]
+    with pytest.raises(DataError, match="empty command"):
+        resolve_shards("pipe: ")
+    with pytest.raises(DataError, match=r"nosuchscheme://"):
+        resolve_shards("nosuchscheme://bucket/{0..1}.tar")

@@ -149,7 +149,11 @@ def test_model_states_zero_0_to_3_bf16():
     assert (z3.params, z3.grads, z3.optimizer) == (2 * n / 4, 2 * n / 4, 3 * n)
     assert (z3.buffers, z3.working) == (2 * 7, 2 * live)  # persistent bucket; gathered blocks
     assert z3.model_states == z3.params + z3.grads + z3.optimizer
-    assert z3.resident == z3.model_states + z3.buffers
+    # DeepSpeed's fp32 gradient buffer: the sub-group's full size (n < the 1e8 cap here)
+    assert z3.grad_buffer == 4 * n
+    assert z3.resident == z3.model_states + z3.buffers + z3.grad_buffer
+    capped = model_state_bytes(n, par(zero_stage=3), zero3_sub_group_elems=1000)
+    assert capped.grad_buffer == 4 * 1000
 
 
 def test_rank_model_states_uses_the_pipeline_partition():

@@ -56,7 +56,7 @@ Source = Callable[[list[str]], Iterator[tuple[str, Entry]]]
 def write_universal(
     out_dir: str | Path,
     cfg: ClipConfig,
-    entries: Iterable[tuple[str, Entry]],
+    entries: Iterable[tuple[str, Entry]] | Mapping[str, torch.Tensor],
     *,
     with_moments: bool = False,
     step: int = 0,
@@ -67,8 +67,11 @@ def write_universal(
     """Write a universal checkpoint from (name, {"fp32", moments...}) entries, one at a time.
 
     Atomic: written to ``out_dir.tmp-<pid>`` and renamed. ``with_moments``: every entry holds
-    Adam's ``exp_avg`` / ``exp_avg_sq`` too (frozen parameters: zeros).
+    Adam's ``exp_avg`` / ``exp_avg_sq`` too (frozen parameters: zeros). A mapping of name ->
+    tensor stands for fp32 entries without moments.
     """
+    if isinstance(entries, Mapping):
+        entries = ((name, {"fp32": value}) for name, value in entries.items())
     out = Path(out_dir)
     if out.exists():
         raise CheckpointError(f"{out} already exists; choose another --out or remove it")

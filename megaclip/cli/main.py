@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from megaclip.errors import MegaclipError
+from megaclip.errors import ConfigError, MegaclipError
 
 # Order is the order shown in `megaclip --help`. A module that does not exist yet is skipped.
 COMMANDS = (
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except MegaclipError as err:
-        print(f"megaclip {args.command}: error: {err}", file=sys.stderr)
+        # A config error is the same on every launched rank: rank 0 says it, once.
+        if not (isinstance(err, ConfigError) and os.environ.get("RANK", "0") != "0"):
+            print(f"megaclip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"megaclip {args.command}: interrupted", file=sys.stderr)

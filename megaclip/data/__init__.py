@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from megaclip.data.loader import WebLoader, build_webdataset_loader
+from megaclip.data.reader import EpochPlan, Sample, WebDataset, plan_epoch_shards
 from megaclip.data.shardspec import expand_braces, resolve_shards
+from megaclip.data.stats import SkipStats
 from megaclip.data.synthetic import SyntheticConfig, synthetic_batch, synthetic_batches
 from megaclip.data.transforms import (
     CLIP_MEAN,
@@ -12,14 +14,7 @@ from megaclip.data.transforms import (
     ClipTrainTransform,
     clip_transform,
 )
-from megaclip.data.webdataset import (
-    EpochPlan,
-    Sample,
-    ShardWriter,
-    SkipStats,
-    WebDataset,
-    plan_epoch_shards,
-)
+from megaclip.data.writer import ShardWriter
 
 __all__ = [
     "CLIP_MEAN",

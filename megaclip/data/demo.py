@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from megaclip.data.webdataset import ShardWriter
+from megaclip.data.writer import ShardWriter
 from megaclip.errors import ConfigError, DataError
 
 CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

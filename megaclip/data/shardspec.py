@@ -1,6 +1,6 @@
 """Shard specs: brace expansion (``/data/{00000..00099}.tar``) and resolution to existing files.
 
-Syntax (no globbing, no remote URLs):
+Syntax (no globbing):
 
 * ``{a..b}`` integer range, inclusive, ascending or descending; zero-padded to the wider bound
   when either bound has a leading zero (``{000..010}`` -> 000, 001, ..., 010); optional step
@@ -9,6 +9,9 @@ Syntax (no globbing, no remote URLs):
 * ``{p,q,r}`` comma list; items may themselves contain braces.
 * several groups in one pattern expand to their product, leftmost varying slowest.
 * ``SPEC1::SPEC2`` concatenates the expansions of several specs, in order.
+* remote shards (see sources.py): ``pipe:CMD`` (the whole command is brace-expanded, one command
+  per shard, as webdataset / open_clip do), ``http(s)://...`` and other fsspec URLs. They are not
+  checked for existence here: one that cannot be read is skipped and counted when it is read.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import re
 import warnings
 from collections.abc import Sequence
 
+from megaclip.data.sources import HTTP_PREFIXES, check_fsspec_scheme, is_pipe, is_remote
 from megaclip.errors import DataError
 
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 _CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])$")
-_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 
 
 def _matching_brace(text: str, start: int) -> int:
@@ -111,19 +114,18 @@ def split_specs(spec: str | Sequence[str]) -> list[str]:
 
 
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:
-    """Expand a shard spec into the list of existing shard files, in spec order.
+    """Expand a shard spec into the list of shards (existing files, commands, URLs), in order.
 
-    A spec whose expansion matches no existing file raises DataError naming it; shards missing
-    from an otherwise matching spec (img2dataset leaves gaps when a shard fails) are skipped with
-    one warning per spec.
+    A local spec whose expansion matches no existing file raises DataError naming it; shards
+    missing from an otherwise matching spec (img2dataset leaves gaps when a shard fails) are
+    skipped with one warning per spec. Remote specs are expanded only; a URL scheme that no
+    installed package can open raises DataError.
     """
     shards: list[str] = []
     for part in split_specs(spec):
-        if part.startswith(_REMOTE):
-            raise DataError(
-                f"shard spec {part!r} is a remote URL; megaclip reads local files only: "
-                "mount the bucket or copy the shards to local disk"
-            )
+        if is_remote(part):
+            shards.extend(_remote_shards(part))
+            continue
         paths = [os.path.expanduser(p) for p in expand_braces(part)]
         existing = [p for p in paths if os.path.isfile(p)]
         if not existing:
@@ -147,3 +149,17 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
             )
         shards.extend(existing)
     return shards
+
+
+def _remote_shards(part: str) -> list[str]:
+    """The shards of one remote spec (brace-expanded), after checking it can be opened here."""
+    urls = expand_braces(part)
+    if is_pipe(part):
+        if not part[len("pipe:") :].strip():
+            raise DataError(f"shard spec {part!r} has an empty command after 'pipe:'")
+        return urls
+    if not part.startswith(HTTP_PREFIXES):
+        problem = check_fsspec_scheme(urls[0])
+        if problem:
+            raise DataError(f"shard spec {problem}")
+    return urls

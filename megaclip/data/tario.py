@@ -4,6 +4,8 @@ Written for webdataset shards: it yields regular-file members in archive order a
 truncated archive (cut short by a failed copy or a full disk) apart from a corrupt header, so
 the caller can stop that shard, count the reason and go on. No seeking is needed; when the
 stream is seekable, members the caller does not want are skipped without reading their bytes.
+:func:`iter_tar_members` also reports each member's byte offset (of its first header block,
+extended headers included), from which a reader can later resume by seeking (tarindex.py).
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def _pax_path(data: bytes) -> str | None:
 class _Stream:
     """Reads exact byte counts from a binary stream and skips forward (seeking when possible)."""
 
-    def __init__(self, fileobj: BinaryIO) -> None:
+    def __init__(self, fileobj: BinaryIO, offset: int = 0) -> None:
         self.f = fileobj
+        self.pos = offset  # bytes of the archive before the next read
         try:
             self.seekable = bool(fileobj.seekable())
         except (AttributeError, OSError):
@@ -101,11 +104,13 @@ class _Stream:
                 break
             chunks.append(chunk)
             left -= len(chunk)
+        self.pos += n - left
         return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def skip(self, n: int) -> None:
         if n <= 0:
             return
+        self.pos += n
         if self.seekable:
             self.f.seek(n, 1)  # past EOF is allowed; the next header read then finds no data
             return
@@ -126,10 +131,25 @@ def iter_tar(
     block): end of file before it raises ``TarReadError('truncated_tar')``; a header whose
     checksum or numbers are invalid raises ``TarReadError('corrupt_tar')``.
     """
-    stream = _Stream(fileobj)
+    for name, data, _ in iter_tar_members(fileobj, want):
+        yield name, data
+
+
+def iter_tar_members(
+    fileobj: BinaryIO, want: Callable[[str], bool] | None = None, offset: int = 0
+) -> Iterator[tuple[str, bytes | None, int]]:
+    """Like :func:`iter_tar`, yielding ``(name, data, header offset)``.
+
+    The offset is where the member's first header block (a GNU long-name or pax header when
+    present) starts, counted from the archive start; ``offset`` is the archive position of
+    ``fileobj``'s current position (after a seek into the archive).
+    """
+    stream = _Stream(fileobj, offset)
     long_name: str | None = None
     pax_name: str | None = None
+    start: int | None = None  # offset of the pending extended header, if any
     while True:
+        here = stream.pos
         header = stream.read(BLOCK)
         if len(header) < BLOCK:
             raise TarReadError(
@@ -147,17 +167,19 @@ def iter_tar(
         padded = -(-size // BLOCK) * BLOCK
         if typeflag in _REGULAR:
             name = pax_name or long_name or _header_name(header)
-            pax_name = long_name = None
+            first = here if start is None else start
+            pax_name = long_name = start = None
             if want is not None and not want(name):
                 stream.skip(padded)
-                yield name, None
+                yield name, None, first
                 continue
             data = stream.read(size)
             if len(data) < size:
                 raise TarReadError("truncated_tar", f"archive ends inside member {name!r}")
             stream.skip(padded - size)
-            yield name, data
+            yield name, data, first
         elif typeflag in (b"L", b"x"):
+            start = here if start is None else start
             data = stream.read(padded)
             if len(data) < size:
                 raise TarReadError("truncated_tar", "archive ends inside an extended header")
@@ -166,6 +188,7 @@ def iter_tar(
             else:
                 pax_name = _pax_path(data[:size])
         else:  # directories, links, global pax headers, devices: no sample data
+            start = None
             stream.skip(padded)
 
 

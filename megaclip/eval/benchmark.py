@@ -18,8 +18,11 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from megaclip.data.reader import IMAGE_EXTS
 from megaclip.data.shardspec import resolve_shards
-from megaclip.data.webdataset import IMAGE_EXTS, ShardWriter, _GroupCounter, _shard_groups
+from megaclip.data.sources import open_shard
+from megaclip.data.tarindex import iter_groups
+from megaclip.data.writer import ShardWriter
 from megaclip.errors import DataError
 from megaclip.eval.data import parse_label
 from megaclip.eval.zeroshot import BENCHMARK_PLACEHOLDER, read_classnames, read_templates
@@ -107,13 +110,21 @@ def labeled_samples(
 ) -> Iterator[tuple[str, str, bytes, int]]:
     """(key, image ext, image bytes, label) of every labelled sample of shards, undecoded."""
     for path in resolve_shards(spec):
-        for key, members in _shard_groups(path, _GroupCounter(lambda _i: True)):
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            raw = members.get(label_ext)
-            label = parse_label(raw.decode("utf-8", "replace"), label_ext) if raw else -1
-            if ext is None or label < 0:
-                raise DataError(f"sample {path}:{key} lacks an image or a .{label_ext} label")
-            yield key, ext, members[ext], label
+        with open_shard(path) as f:
+            for _, key, members in iter_groups(f):
+                yield _labeled(path, key, members or {}, label_ext)
+
+
+def _labeled(
+    path: str, key: str, members: dict[str, bytes], label_ext: str
+) -> tuple[str, str, bytes, int]:
+    """(key, image ext, image bytes, label) of one sample; DataError when a member is missing."""
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    raw = members.get(label_ext)
+    label = parse_label(raw.decode("utf-8", "replace"), label_ext) if raw else -1
+    if ext is None or label < 0:
+        raise DataError(f"sample {path}:{key} lacks an image or a .{label_ext} label")
+    return key, ext, members[ext], label
 
 
 def write_benchmark_dir(

@@ -50,10 +50,29 @@ class _MegaclipLinear:
     # megatron adds an empty "_extra_state" entry per layer; keep state dicts to real tensors.
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
+    # megatron's repr reads attributes the plain (no TP group) form does not set
+    __repr__ = nn.Module.__repr__
+
+    def extra_repr(self) -> str:
+        out, inp = tuple(getattr(self.weight, "ds_shape", self.weight.shape))  # ZeRO-3: full
+        tp = (
+            "none"
+            if self.explicit_tp_group is None
+            else dist.get_world_size(self.explicit_tp_group)
+        )
+        return f"in={inp}, out={out} (local), bias={self.bias is not None}, tp={tp}"
 
     def _adopt(self, tp_group: dist.ProcessGroup | None) -> None:
         self.explicit_tp_group = tp_group  # megatron may substitute its global group for None
         self._load_state_dict_pre_hooks.clear()  # megatron's hook injects "_extra_state" keys
+
+    def _plain(self, in_features: int, out_features: int, bias: bool) -> None:
+        """The unsharded parameters, without megatron: its layers fall back to the process's
+        global TP group when given none, so a whole-model layer built in a TP > 1 process
+        (the export, shape checks) would come out sharded."""
+        nn.Module.__init__(self)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in(/tp)] -> [..., out(/tp)]
         if self.explicit_tp_group is None:
@@ -73,16 +92,19 @@ class ColumnLinear(_MegaclipLinear, ColumnParallelLinear):
         bias: bool = True,
         stride: int = 1,
     ) -> None:
-        super().__init__(
-            in_features,
-            out_features,
-            config=_mp_config(tp_group),
-            init_method=_no_init,
-            bias=bias,
-            gather_output=False,
-            stride=stride,
-            tp_group=tp_group,
-        )
+        if tp_group is None:
+            self._plain(in_features, out_features, bias)
+        else:
+            super().__init__(
+                in_features,
+                out_features,
+                config=_mp_config(tp_group),
+                init_method=_no_init,
+                bias=bias,
+                gather_output=False,
+                stride=stride,
+                tp_group=tp_group,
+            )
         self._adopt(tp_group)
         # megatron sets these only for TP > 1; the checkpoint converter relies on them always.
         _mark_sharded(self.weight, dim=0, stride=stride)
@@ -101,16 +123,19 @@ class RowLinear(_MegaclipLinear, RowParallelLinear):
         tp_group: dist.ProcessGroup | None,
         bias: bool = True,
     ) -> None:
-        super().__init__(
-            in_features,
-            out_features,
-            config=_mp_config(tp_group),
-            init_method=_no_init,
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=tp_group,
-        )
+        if tp_group is None:
+            self._plain(in_features, out_features, bias)
+        else:
+            super().__init__(
+                in_features,
+                out_features,
+                config=_mp_config(tp_group),
+                init_method=_no_init,
+                bias=bias,
+                input_is_parallel=True,
+                skip_bias_add=False,
+                tp_group=tp_group,
+            )
         self._adopt(tp_group)
         _mark_sharded(self.weight, dim=1, stride=1)
 

@@ -58,6 +58,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def tune_host_allocator() -> bool:
+    """CPU runs: glibc returns freed blocks >= 1 MiB to the kernel at once; whether it applied.
+
+    glibc's default *dynamic* mmap threshold rises to the size of freed blocks (up to 32 MiB),
+    after which such blocks are recycled inside its heap and never given back: measured on a
+    ViT-L-14 ZeRO-3 rank, +0.8 GiB of resident memory that no tensor held. A fixed threshold
+    keeps the resident set equal to live memory (what the planner predicts). Off with
+    MEGACLIP_MALLOC_TUNING=0; a no-op where glibc's mallopt is absent.
+    """
+    if os.environ.get("MEGACLIP_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 20) == 1
+        return ok and libc.mallopt(m_trim_threshold, 8 << 20) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     """Initialise torch.distributed from launcher env vars (torchrun / deepspeed / SLURM).
 
@@ -81,6 +103,8 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     acc = accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        tune_host_allocator()
     import deepspeed
 
     deepspeed.init_distributed(

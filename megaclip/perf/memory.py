@@ -87,6 +87,11 @@ BUCKET_ELEMS = 50_000_000
 ALLREDUCE_FALLBACK_ELEMS = 500_000_000
 #: DeepSpeed 0.19.8's own default reduce/all-gather bucket (elements), used when a config sets none.
 DEEPSPEED_DEFAULT_BUCKET_ELEMS = 500_000_000
+#: ZeRO-3 settings megaclip writes when a DeepSpeed config leaves them out (train/ds_config.py):
+#: the elements of the fp32 gradient buffer (sub_group_size = this / dp), and of gathered
+#: parameters kept alive at once (stage3_max_live_parameters, stage3_max_reuse_distance).
+ZERO3_GRAD_BUFFER_ELEMS = 100_000_000
+ZERO3_LIVE_ELEMS = 100_000_000
 #: Column chunk of the chunked contrastive loss (an assumption; the loss module may differ).
 LOSS_CHUNK = 8192
 
@@ -288,6 +293,7 @@ class StateBytes:
     step_transient: float
     buffers: float = 0.0
     working: float = 0.0
+    grad_buffer: float = 0.0  # ZeRO-3's fp32 gradient buffer (sized by its optimizer sub-group)
 
     @property
     def model_states(self) -> float:
@@ -297,7 +303,7 @@ class StateBytes:
     @property
     def resident(self) -> float:
         """Bytes held for the whole step: model states + persistent buffers."""
-        return self.model_states + self.buffers
+        return self.model_states + self.buffers + self.grad_buffer
 
 
 def model_state_bytes(
@@ -309,8 +315,15 @@ def model_state_bytes(
     reduce_bucket_elems: int = BUCKET_ELEMS,
     allgather_bucket_elems: int = BUCKET_ELEMS,
     overlap_comm: bool = True,
+    zero3_sub_group_elems: int = ZERO3_GRAD_BUFFER_ELEMS,
+    host: bool = False,
 ) -> StateBytes:
     """Bytes of a rank holding ``n`` parameters under DeepSpeed 0.19.8 (module docstring table).
+
+    ZeRO-3 also keeps a fp32 gradient buffer of the largest optimizer sub-group's *full* size:
+    ``4 min(n, zero3_sub_group_elems)`` (``sub_group_size`` x dp; megaclip caps it at 1e8,
+    DeepSpeed's default would give 4n). ``host``: a CPU rank's resident set, where a bucket
+    counts only as far as it is written (min(bucket, n)); on a GPU it is allocated whole.
 
     ``zero3_live_params``: parameters ZeRO-3 holds gathered at once (current + prefetched
     block). ``reduce_bucket_elems`` / ``allgather_bucket_elems`` / ``overlap_comm``: the
@@ -339,13 +352,15 @@ def model_state_bytes(
         if par.zero_stage == 1 and par.grad_accum_steps > 1:
             working += g * n  # full .grad accumulated until the boundary micro-batch reduces it
         return StateBytes(w * n, g * n / d, 12 * n / d, transient, working=working)
+    bucket = min(reduce_bucket_elems, n) if host else reduce_bucket_elems
     return StateBytes(
         w * n / d,
         g * n / d,
         12 * n / d,
-        transient,
-        buffers=w * reduce_bucket_elems,
+        w * min(n, allgather_bucket_elems),  # the fp32 step gradient lives in grad_buffer
+        buffers=w * bucket,
         working=w * zero3_live_params,
+        grad_buffer=4 * min(n, zero3_sub_group_elems),
     )
 
 
@@ -469,11 +484,12 @@ class StageMemory:
     step_transient: float
     buffers: float = 0.0
     working: float = 0.0
+    grad_buffer: float = 0.0
 
     @property
     def peak(self) -> float:
         """states + buffers + max(activations + loss + working, optimizer-step transient)."""
-        resident = self.params + self.grads + self.optimizer + self.buffers
+        resident = self.params + self.grads + self.optimizer + self.buffers + self.grad_buffer
         return resident + max(self.activations + self.loss + self.working, self.step_transient)
 
     def as_dict(self) -> dict[str, float]:
@@ -489,6 +505,7 @@ class StageMemory:
             "step_transient_gib": self.step_transient / gib,
             "buffers_gib": self.buffers / gib,
             "working_gib": self.working / gib,
+            "grad_buffer_gib": self.grad_buffer / gib,
             "peak_gib": self.peak / gib,
         }
 
@@ -508,9 +525,17 @@ def stage_memory(
     ``buckets``: DeepSpeed bucket settings for :func:`model_state_bytes` (planner's defaults).
     """
     n = stage_params(cfg, par.tp, stage)
-    live = _zero3_live(cfg, par.tp) if par.zero_stage == 3 else 0
+    kw = dict(buckets or {})
+    live = 0
+    if par.zero_stage == 3:  # gathered: the live limit plus a prefetch bucket, or 2 blocks
+        limit = kw.pop("zero3_live_elems", None)
+        prefetch = kw.pop("zero3_prefetch_elems", BUCKET_ELEMS)
+        live = _zero3_live(cfg, par.tp) if limit is None else min(n, limit + prefetch)
+    else:
+        kw.pop("zero3_live_elems", None)
+        kw.pop("zero3_prefetch_elems", None)
     states = model_state_bytes(
-        n, par, grad_accum_fp32=grad_accum_fp32, zero3_live_params=live, **(buckets or {})
+        n, par, grad_accum_fp32=grad_accum_fp32, zero3_live_params=live, **kw
     )
     acts = stage_activation_bytes(cfg, par, stage, alive_micro_batches(par, index, schedule))
     loss = loss_bytes(cfg, par) if stage.last else 0.0
@@ -525,6 +550,7 @@ def stage_memory(
         states.step_transient,
         states.buffers,
         states.working,
+        states.grad_buffer,
     )
 
 
@@ -586,20 +612,27 @@ def schedule_of(par: ParallelConfig) -> str:
     return "gpipe"
 
 
-def ds_buckets(ds: dict[str, object] | None) -> dict[str, object]:
+def ds_buckets(ds: dict[str, object] | None, dp: int = 1) -> dict[str, object]:
     """:func:`model_state_bytes` bucket settings of a DeepSpeed config (None: the planner's)."""
     if ds is None:
-        return {}
+        return {"zero3_live_elems": ZERO3_LIVE_ELEMS}
     zero = ds.get("zero_optimization") or {}
     assert isinstance(zero, dict)
     stage = zero.get("stage", 0)
-    return {
+    dp_default = 1_000_000_000  # DeepSpeed 0.19.8: sub_group_size, max_live_parameters
+    out: dict[str, object] = {
         "reduce_bucket_elems": int(zero.get("reduce_bucket_size", DEEPSPEED_DEFAULT_BUCKET_ELEMS)),
         "allgather_bucket_elems": int(
             zero.get("allgather_bucket_size", DEEPSPEED_DEFAULT_BUCKET_ELEMS)
         ),
         "overlap_comm": bool(zero.get("overlap_comm", stage == 3)),  # DeepSpeed 0.19.8's default
     }
+    if stage == 3:
+        sub = int(zero.get("sub_group_size", dp_default))
+        out["zero3_sub_group_elems"] = sub * dp
+        out["zero3_live_elems"] = int(zero.get("stage3_max_live_parameters", dp_default))
+        out["zero3_prefetch_elems"] = int(zero.get("stage3_prefetch_bucket_size", BUCKET_ELEMS))
+    return out
 
 
 def rank_peaks(
@@ -609,7 +642,8 @@ def rank_peaks(
 
     ``ds``: the run's resolved DeepSpeed config (its bucket sizes); None: the planner's.
     """
-    mem = layout_memory(cfg, par, schedule=schedule_of(par), buckets=ds_buckets(ds))
+    buckets = {**ds_buckets(ds, par.dp), "host": host}
+    mem = layout_memory(cfg, par, schedule=schedule_of(par), buckets=buckets)
     runtime = HOST_RUNTIME_BYTES if host else 0.0
     out = []
     for rank in range(par.world_size):

@@ -39,7 +39,7 @@ from typing import Any, Literal, TextIO
 import torch
 import torch.distributed as dist
 
-from megaclip.data.webdataset import SkipStats
+from megaclip.data.stats import SkipStats
 from megaclip.errors import CheckpointError, ConfigError
 
 KILL_RANK_ENV = "MEGACLIP_FAULT_KILL_RANK"
@@ -229,14 +229,19 @@ def check_deepspeed_sections(ds: Mapping[str, Any], where: str = "DeepSpeed conf
 
 
 class SkipTally:
-    """Skip statistics of one rank's data stream across epochs (a loader resets per epoch)."""
+    """Skip statistics of one rank's data stream across epochs (a loader resets per epoch).
+
+    A training stream (megaclip.data.stream.TrainStream) already counts across epochs and
+    resumes (its counts are part of the checkpointed data position): watch it and never call
+    :meth:`end_epoch`.
+    """
 
     def __init__(self) -> None:
         self._finished = SkipStats()
         self._loader: Any = None
 
     def watch(self, loader: Any) -> None:
-        """Follow ``loader.skip_stats`` (a WebLoader) from now on."""
+        """Follow ``loader.skip_stats`` (a WebLoader or a TrainStream) from now on."""
         self._loader = loader
 
     def end_epoch(self) -> None:
@@ -254,13 +259,15 @@ class SkipTally:
 def skip_record(tally: SkipTally | None, dp_group: dist.ProcessGroup | None) -> dict[str, Any]:
     """Metrics fields of the data skipped so far, summed over the DP group (collective).
 
-    ``data_ok`` / ``data_skipped``: samples used / skipped (all sample reasons);
-    ``data_shard_errors``: shards that could not be read to their end. Empty without a tally.
+    ``data_ok``: samples used; ``data_skipped``: samples skipped (all sample reasons) plus one
+    per shard that could not be read to its end (unreachable URL, failing ``pipe:`` command,
+    truncated or corrupt tar: how many samples it held is unknown); ``data_shard_errors``: those
+    shards alone. Empty without a tally.
     """
     if tally is None:
         return {}
     s = tally.total
-    counts = torch.tensor([s.ok, s.skipped, s.shard_errors], dtype=torch.int64)
+    counts = torch.tensor([s.ok, s.skipped + s.shard_errors, s.shard_errors], dtype=torch.int64)
     if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(counts, group=dp_group)
     ok, skipped, shard_errors = (int(v) for v in counts.tolist())

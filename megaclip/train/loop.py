@@ -43,26 +43,27 @@ def micro_batch_stream(
 ) -> Iterator[tuple]:
     """Endless (images, tokens) micro-batches for this DP rank (same for its TP/PP peers).
 
-    ``tally``: follows the loader's skipped-sample counts (webdataset only).
+    The stream has ``state_dict`` / ``load_state_dict`` (its data position, megaclip.data.stream).
+    ``tally``: follows the stream's skipped-sample counts (webdataset only).
     """
+    from megaclip.data.stream import SyntheticStream, TrainStream
+
     m, par = cfg.model, cfg.parallel
     seed = topo.data_seed(cfg.train.seed)
     if cfg.data.kind == "synthetic":
-        from megaclip.data.synthetic import SyntheticConfig, synthetic_batches
+        from megaclip.data.synthetic import SyntheticConfig
 
         eot = m.text.vocab_size - 1
-        yield from synthetic_batches(
-            SyntheticConfig(
-                batch_size=par.micro_batch_size,
-                image_size=m.vision.image_size,
-                context_length=m.text.context_length,
-                vocab_size=m.text.vocab_size,
-                sot_id=None if m.text.vocab_size < 3 else eot - 1,
-                eot_id=eot,
-                seed=seed,
-            )
+        synth = SyntheticConfig(
+            batch_size=par.micro_batch_size,
+            image_size=m.vision.image_size,
+            context_length=m.text.context_length,
+            vocab_size=m.text.vocab_size,
+            sot_id=None if m.text.vocab_size < 3 else eot - 1,
+            eot_id=eot,
+            seed=seed,
         )
-        return
+        return SyntheticStream(synth, dp_rank=topo.coords.dp, seed_rank=0)
     from megaclip.data import build_webdataset_loader
 
     loader = build_webdataset_loader(
@@ -79,23 +80,15 @@ def micro_batch_stream(
         shuffle_buffer=cfg.data.shuffle_buffer,
         max_skip_fraction=cfg.data.max_skip_fraction,
     )
+    # epoch mode: each rank cycles its own share (ranks may hold unequal counts)
+    stream = TrainStream(
+        loader,
+        f"data.train yields no batch of {par.micro_batch_size} on DP rank {topo.coords.dp}: "
+        "use fewer ranks, a smaller micro_batch_size or more data",
+    )
     if tally is not None:
-        tally.watch(loader)
-    epoch = 0
-    while True:  # epoch mode: each rank cycles its own share (ranks may hold unequal counts)
-        loader.set_epoch(epoch)
-        got = False
-        for batch in loader:
-            got = True
-            yield batch
-        if not got:
-            raise ConfigError(
-                f"data.train yields no batch of {par.micro_batch_size} on DP rank "
-                f"{topo.coords.dp}: use fewer ranks, a smaller micro_batch_size or more data"
-            )
-        if tally is not None:
-            tally.end_epoch()
-        epoch += 1
+        tally.watch(stream)
+    return stream
 
 
 def _tokenizer(cfg: RunConfig):
@@ -322,6 +315,7 @@ class TrainHooks:
         client = self.engine.load_latest(str(self.ckpt_dir)) if t.resume else None
         if client is not None:
             step = int(client["next_step"])
+            self.data_position = client.get("data")  # every DP rank's (megaclip.data.stream)
             if dist.get_rank() == 0:
                 print(f"resumed from {self.ckpt_dir} at step {step}", flush=True)
             return step
@@ -332,14 +326,27 @@ class TrainHooks:
         return 0
 
     def skip_data(self, stream, steps_done: int) -> None:
+        """Put ``stream`` at the data position of step ``steps_done``: a direct seek to the
+        checkpoint's saved position; a checkpoint without one replays the stream."""
+        self.data_stream = stream
+        position = getattr(self, "data_position", None)
+        if not steps_done or (position is not None and stream.load_state_dict(position)):
+            return
+        if dist.get_rank() == 0:
+            print(f"the checkpoint holds no data position: replaying {steps_done} steps of data")
         for _ in range(steps_done * self.cfg.parallel.grad_accum_steps):
             next(stream)
 
     # periodic -----------------------------------------------------------------
     def save(self, step: int, progress) -> None:
+        from megaclip.data.stream import gather_state
+
+        data = gather_state(getattr(self, "data_stream", None), self.engine.topo.dp_group)
         with self.memory.phase("save"):
             path = self.engine.save(
-                str(self.ckpt_dir), {"next_step": step}, keep_last=self.cfg.train.keep_last
+                str(self.ckpt_dir),
+                {"next_step": step, "data": data},
+                keep_last=self.cfg.train.keep_last,
             )
         if dist.get_rank() == 0:
             progress.write(f"step {step:>6}  saved {path}")

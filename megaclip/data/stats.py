@@ -1,0 +1,162 @@
+"""Skip statistics of a data stream: usable samples, skipped samples, failed shards, by reason."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from megaclip.errors import DataError
+
+SAMPLE_REASONS = (
+    "missing_image",
+    "missing_caption",
+    "bad_caption_encoding",
+    "empty_image",
+    "undecodable_image",
+    "image_too_large",
+)
+SHARD_REASONS = ("truncated_tar", "corrupt_tar", "unreadable_shard")
+MIN_SHARDS_FOR_CHECK = 4  # shard failures are judged once this many shards were tried
+
+
+@dataclass
+class SkipStats:
+    """Counts of usable samples and of skipped samples / shards, per reason.
+
+    Sample reasons count samples (tar key groups); shard reasons count shards that could not be
+    read to their end (the samples after the break are lost and not counted).
+    """
+
+    ok: int = 0
+    missing_image: int = 0
+    missing_caption: int = 0
+    bad_caption_encoding: int = 0
+    empty_image: int = 0
+    undecodable_image: int = 0
+    image_too_large: int = 0
+    shards_read: int = 0
+    truncated_tar: int = 0
+    corrupt_tar: int = 0
+    unreadable_shard: int = 0
+
+    def count(self, reason: str) -> None:
+        """Add one to the counter named ``reason``."""
+        setattr(self, reason, getattr(self, reason) + 1)
+
+    @property
+    def skipped(self) -> int:
+        """Number of skipped samples (all sample reasons)."""
+        return sum(getattr(self, r) for r in SAMPLE_REASONS)
+
+    @property
+    def seen(self) -> int:
+        """Samples looked at: ok + skipped."""
+        return self.ok + self.skipped
+
+    @property
+    def shard_errors(self) -> int:
+        """Number of shards that stopped early (all shard reasons)."""
+        return sum(getattr(self, r) for r in SHARD_REASONS)
+
+    @property
+    def skip_fraction(self) -> float:
+        """skipped / seen (0 when nothing was seen)."""
+        return self.skipped / self.seen if self.seen else 0.0
+
+    def reasons(self) -> dict[str, int]:
+        """Non-zero counters of every skip reason (sample and shard)."""
+        names = SAMPLE_REASONS + SHARD_REASONS
+        return {r: getattr(self, r) for r in names if getattr(self, r)}
+
+    def copy(self) -> SkipStats:
+        """An independent copy."""
+        return dataclasses.replace(self)
+
+    def __add__(self, other: SkipStats) -> SkipStats:
+        """Field-wise sum."""
+        return SkipStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in _FIELDS}
+        )
+
+    @classmethod
+    def total(cls, parts: Iterable[SkipStats]) -> SkipStats:
+        """Field-wise sum of several stats (e.g. one per DataLoader worker)."""
+        out = cls()
+        for p in parts:
+            out = out + p
+        return out
+
+    def summary(self) -> str:
+        """One line: ok, skipped with reasons, shards read and failed."""
+        reasons = ", ".join(f"{k}={v}" for k, v in self.reasons().items()) or "none"
+        return (
+            f"ok={self.ok} skipped={self.skipped} ({self.skip_fraction:.1%}) "
+            f"shards_read={self.shards_read} skip reasons: {reasons}"
+        )
+
+    def check(
+        self,
+        max_skip_fraction: float | None,
+        min_samples: int = 100,
+        *,
+        final: bool = False,
+        num_shards: int | None = None,
+    ) -> None:
+        """Raise DataError when the data is unusable.
+
+        Fatal when (a) skipped/seen > max_skip_fraction once at least ``min_samples`` samples were
+        seen (or at the end, ``final``); (b) failed shards / shards tried > max_skip_fraction once
+        at least ``MIN_SHARDS_FOR_CHECK`` shards were tried (or at the end); (c) at the end,
+        nothing usable was found although something was skipped; (d) no usable sample and at
+        least ``num_shards`` shard failures.
+        """
+        seen = self.seen
+        tried = self.shards_read + self.shard_errors
+        if (
+            max_skip_fraction is not None
+            and tried
+            and (final or tried >= MIN_SHARDS_FOR_CHECK)
+            and self.shard_errors > max_skip_fraction * tried
+        ):
+            raise DataError(
+                f"{self.shard_errors} of {tried} shards could not be read "
+                f"({self.shard_errors / tried:.1%}), above max_skip_fraction={max_skip_fraction}: "
+                f"{self._reason_text()}; check the URLs, commands and files named in the warnings "
+                "above, or raise max_skip_fraction"
+            )
+        if (
+            max_skip_fraction is not None
+            and seen
+            and (final or seen >= min_samples)
+            and self.skipped > max_skip_fraction * seen
+        ):
+            raise DataError(
+                f"{self.skipped} of {seen} samples ({self.skip_fraction:.1%}) were skipped, above "
+                f"max_skip_fraction={max_skip_fraction}: {self._reason_text()}; check the shards "
+                "(megaclip data inspect SPEC) or raise max_skip_fraction"
+            )
+        no_data = self.ok == 0 and (self.skipped or self.shard_errors)
+        if no_data and (final or (num_shards is not None and self.shard_errors >= num_shards)):
+            raise DataError(
+                f"no usable sample in the shards: {self._reason_text()}; "
+                "check the shards with `megaclip data inspect SPEC`"
+            )
+
+    def _reason_text(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.reasons().items()) or "no reason recorded"
+
+
+_FIELDS = dataclasses.fields(SkipStats)
+
+
+def stats_to_dict(stats: SkipStats) -> dict[str, int]:
+    """All counters as a plain dict (for checkpoints and worker messages)."""
+    return dataclasses.asdict(stats)
+
+
+def stats_from_dict(data: dict[str, Any] | None) -> SkipStats:
+    """The SkipStats of :func:`stats_to_dict` (unknown keys ignored, missing ones 0)."""
+    names = {f.name for f in _FIELDS}
+    return SkipStats(**{k: int(v) for k, v in (data or {}).items() if k in names})
