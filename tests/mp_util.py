@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from megaclip.bench.launch import free_port as free_port
@@ -23,6 +24,23 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def megaclip_cli(
+    *args: str, env: dict | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m megaclip ARGS`` from the repository root, output captured as text.
+
+    ``env``: the subprocess's environment (default: this process's own).
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "megaclip", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def torchrun(

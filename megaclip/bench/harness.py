@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -24,6 +23,7 @@ from megaclip.config.parallel import ParallelConfig
 from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.data.synthetic import SyntheticConfig, synthetic_batches
 from megaclip.errors import ConfigError
+from megaclip.train.host import status_kib
 
 #: DeepSpeed override that makes ZeRO-3 gather every parameter (none stays resident).
 ZERO3_ALL_GATHERED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
@@ -149,14 +149,12 @@ def build_engine(spec: BenchSpec, topo, cfg: ClipConfig | None = None):
 
 def current_rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; psutil elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):  # pragma: no cover - non-Linux
-        import psutil
+    kib = status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil  # pragma: no cover - non-Linux
 
-        return int(psutil.Process().memory_info().rss)
+    return int(psutil.Process().memory_info().rss)
 
 
 def max_rss_bytes() -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from megaclip.config.schema import from_dict, is_file, load_mapping
+from megaclip.config.schema import check_finite, from_dict, is_file, load_mapping
 from megaclip.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -145,6 +145,9 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         _positive("model", embed_dim=self.embed_dim)
+        check_finite("model.init_logit_scale", self.init_logit_scale)
+        check_finite("model.max_logit_scale", self.max_logit_scale, 0.0, low_open=True)
+        check_finite("model.layer_norm_eps", self.layer_norm_eps, 0.0, low_open=True)
         if self.init_logit_scale > self.max_logit_scale:
             raise ConfigError(
                 f"model.init_logit_scale {self.init_logit_scale:.4f} exceeds "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megaclip.config.model import ClipConfig
+from megaclip.config.schema import check_at_least
 from megaclip.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -56,9 +57,10 @@ class ParallelConfig:
     pipeline_schedule: Literal["global", "gradcache"] = "global"
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp", "micro_batch_size", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(
+            "parallel", 1, tp=self.tp, pp=self.pp, dp=self.dp,
+            micro_batch_size=self.micro_batch_size, grad_accum_steps=self.grad_accum_steps,
+        )  # fmt: skip
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.pp > 1 and self.zero_stage > 1:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
-from megaclip.config.train import OptimConfig
+from megaclip.config.train import LOSS_CHUNK_SIZE, OptimConfig
 from megaclip.loss.contrastive import clip_loss
 from megaclip.model.naming import strip_prefix
 from megaclip.parallel.runtime import accelerator, device, rng_state, set_rng_state
@@ -102,7 +102,7 @@ class ClipEngine:
         *,
         seed: int = 0,
         patch_dropout: float = 0.0,
-        loss_chunk_size: int | None = 4096,
+        loss_chunk_size: int | None = LOSS_CHUNK_SIZE,
         loss_mode: str = "allgather",
         lock: str | None = None,
     ) -> None:
