@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 from PIL import Image
 
 from megaclip.train.faults import LOST_RANK_EXIT_CODE
-from tests.mp_util import REPO
+from tests.mp_util import megaclip_cli, subprocess_env
 from tests.workers.rel_launch import launch_ranks
 
 COMMON = [
@@ -53,14 +51,8 @@ def write_shard(path: Path, first: int, n: int, bad: set[int], no_caption: set[i
 
 def train(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """One-process `megaclip train` with the COMMON settings and ``args``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    return subprocess.run(
-        [sys.executable, "-m", "megaclip", "train", *COMMON, "parallel.dp=1", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    return megaclip_cli(
+        "train", *COMMON, "parallel.dp=1", *args, env=subprocess_env(), timeout=timeout
     )
 
 

@@ -21,23 +21,21 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.loss.common import (
     ChunkWorkspace,
+    Columns,
     DPComm,
-    acc_dtype,
+    LossModule,
     check_features,
     check_options,
-    column_blocks,
-    column_chunks,
     diagonal_in_chunk,
-    workspace_width,
+    scaled,
 )
 from megaclip.parallel.collectives import ProcessGroup
-
-DEFAULT_CHUNK_SIZE = 4096
 
 
 class ClipLossOutput(NamedTuple):
@@ -46,11 +44,6 @@ class ClipLossOutput(NamedTuple):
     loss: Tensor
     i2t_top1: Tensor
     t2i_top1: Tensor
-
-
-def _scaled(rows: Tensor, scale: Tensor) -> Tensor:
-    """s * rows, computed in the accumulation dtype and stored in the dtype of ``rows``."""
-    return (rows.to(scale.dtype) * scale).to(rows.dtype)
 
 
 def _scaled_logits(
@@ -140,20 +133,14 @@ class _ClipLossFn(torch.autograd.Function):
         mode: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, d = image.shape
-        acc = acc_dtype(image.dtype)
-        offset, n = comm.rank * b, comm.size * b
-        local = torch.cat([image, text], dim=1).detach()  # [b, 2d]: what the columns are made of
-        gathered = comm.gather(local) if mode == "allgather" else None  # [N, 2d]
-        scale = logit_scale.detach().reshape(()).to(acc).exp()
+        c = Columns.setup(image, text, logit_scale, comm, chunk_size, mode)
+        acc, offset, n, scale = c.acc, c.offset, c.n, c.scale
         pos = (image.to(acc) * text.to(acc)).sum(dim=1).mul_(scale)  # canonical positive logits
-        image_s, text_s = _scaled(image, scale), _scaled(text, scale)
-        width = workspace_width(b, comm.size, chunk_size, mode)
-        ws = ChunkWorkspace(b, width, 1, image.dtype, image.device)
+        image_s, text_s = scaled(image, scale), scaled(text, scale)
+        ws = c.workspace(1, image.dtype, image.device)
         i2t = _OnlineCE(b, acc, image.device)
         t2i = _OnlineCE(b, acc, image.device)
-        for start, cols in column_chunks(
-            column_blocks(comm, local, gathered, chunk_size), chunk_size
-        ):
+        for start, cols in c.chunks():
             i2t.update(_scaled_logits(ws, image_s, cols[:, d:], pos, offset, start), start)
             t2i.update(_scaled_logits(ws, text_s, cols[:, :d], pos, offset, start), start)
         ce_i2t, hit_i2t = i2t.result(pos, offset)
@@ -163,10 +150,8 @@ class _ClipLossFn(torch.autograd.Function):
         stats = comm.gather(torch.cat([pos, ce_i2t, ce_t2i, sums])).view(comm.size, 3 * b + 3)
         totals = stats[:, 3 * b :].sum(dim=0)  # same order on every rank: bit-identical result
         ctx.save_for_backward(image, text, logit_scale)
-        ctx.local, ctx.gathered, ctx.comm = local, gathered, comm
-        ctx.scale = scale
+        ctx.columns = c
         ctx.per_row = [stats[:, k * b : (k + 1) * b].reshape(n) for k in range(3)]
-        ctx.meta = (offset, chunk_size, mode)
         loss, i2t_top1, t2i_top1 = totals[0] / (2 * n), totals[1] / n, totals[2] / n
         ctx.mark_non_differentiable(i2t_top1, t2i_top1)
         return loss, i2t_top1, t2i_top1
@@ -175,20 +160,17 @@ class _ClipLossFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_loss: Tensor, _g_i2t: Tensor, _g_t2i: Tensor):  # type: ignore[override]
         image, text, logit_scale = ctx.saved_tensors
-        offset, chunk_size, mode = ctx.meta
-        comm, scale = ctx.comm, ctx.scale
+        c = ctx.columns
+        offset, n, scale = c.offset, c.n, c.scale
         b, d = image.shape
-        n = comm.size * b
         pos_all, ce_i2t, ce_t2i = ctx.per_row
         own = slice(offset, offset + b)
-        width = workspace_width(b, comm.size, chunk_size, mode)
-        ws = ChunkWorkspace(b, width, 3, image.dtype, image.device)
+        ws = c.workspace(3, image.dtype, image.device)
         grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
         grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
         p_dot = torch.zeros((), dtype=ws.acc, device=image.device)
-        image_s, text_s = _scaled(image, scale), _scaled(text, scale)
-        blocks = column_blocks(comm, ctx.local, ctx.gathered, chunk_size)
-        for start, cols in column_chunks(blocks, chunk_size):
+        image_s, text_s = scaled(image, scale), scaled(text, scale)
+        for start, cols in c.chunks():
             # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of image a.
             p_dot += _grad_chunk(
                 ws, grad_i, image_s, cols[:, d:], pos_all, ce_i2t[own], ce_t2i, offset, start
@@ -197,7 +179,7 @@ class _ClipLossFn(torch.autograd.Function):
             p_dot += _grad_chunk(
                 ws, grad_t, text_s, cols[:, :d], pos_all, ce_t2i[own], ce_i2t, offset, start
             )
-        g = g_loss.to(ws.acc) * comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
+        g = g_loss.to(ws.acc) * c.comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
         d_image = (g * scale * grad_i).to(image.dtype)
         d_text = (g * scale * grad_t).to(text.dtype)
         d_scale = (g * p_dot).to(logit_scale.dtype).reshape(logit_scale.shape)
@@ -209,7 +191,7 @@ def clip_loss_with_comm(
     text_features: Tensor,
     logit_scale: Tensor,
     comm: DPComm,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = LOSS_CHUNK_SIZE,
     mode: str = "allgather",
 ) -> ClipLossOutput:
     """Global-batch CLIP loss; ``comm`` supplies this rank's index, the DP size and collectives."""
@@ -227,7 +209,7 @@ def clip_loss(
     logit_scale: Tensor,
     *,
     dp_group: ProcessGroup | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = LOSS_CHUNK_SIZE,
     mode: str = "allgather",
 ) -> ClipLossOutput:
     """Symmetric InfoNCE over the N = b * dp pairs of ``dp_group``, scale exp(logit_scale).
@@ -247,30 +229,11 @@ def clip_loss(
     )
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(LossModule):
     """Module form of :func:`clip_loss` with a fixed chunk size, mode and DP group."""
-
-    def __init__(
-        self,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-        dp_group: ProcessGroup | None = None,
-        mode: str = "allgather",
-    ) -> None:
-        super().__init__()
-        check_options(chunk_size, mode)
-        self.chunk_size = chunk_size
-        self.dp_group = dp_group
-        self.mode = mode
 
     def forward(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     ) -> ClipLossOutput:
         """Global-batch CLIP loss and top-1 accuracies (see :func:`clip_loss`)."""
-        return clip_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            dp_group=self.dp_group,
-            chunk_size=self.chunk_size,
-            mode=self.mode,
-        )
+        return clip_loss(image_features, text_features, logit_scale, **self.options)
