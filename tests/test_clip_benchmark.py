@@ -96,7 +96,7 @@ def test_clip_benchmark_and_megaclip_agree(tmp_path, capsys):
         {"preset": "tiny", "name": "bench", "text": {"vocab_size": 49408, "context_length": 20}}
     )
     model = ClipModel(cfg)
-    init_parameters(model, cfg, seed=5)
+    init_parameters(model, cfg, seed=2)  # a random model whose predictions spread (see below)
     uni = write_universal(tmp_path / "uni", cfg, dict(model.named_parameters()))
     exports = {"open_clip_dir": tmp_path / "oc", "hf": tmp_path / "hf", "file": tmp_path / "m.pt"}
     for target, out in (("open_clip", "open_clip_dir"), ("hf", "hf"), ("open_clip", "file")):
@@ -152,7 +152,7 @@ def test_clip_benchmark_and_megaclip_agree(tmp_path, capsys):
     images = torch.cat([x for x, _ in LabeledShards(layout.shards, 10, 32, 64, label_ext="cls")])
     with torch.no_grad():
         predicted = (net.encode_image(images) @ weights).argmax(dim=1)
-    assert len(predicted.unique()) >= 3  # measured: classes 0, 6 and 7
+    assert len(predicted.unique()) >= 3  # measured: classes 3, 4, 7, 8 and 9 (init seed 2)
     assert 0 < theirs["acc1"] < 0.5
 
     theirs = json.loads(ret_out.read_text())["metrics"]

@@ -18,7 +18,7 @@ from megaclip.model.clip import ClipModel
 from megaclip.model.init import init_parameters
 from megaclip.model.text import pool_index
 from megaclip.pipeline.partition import StagePlan
-from megaclip.pipeline.stages import ClipStage, split_outputs
+from megaclip.pipeline.stages import PipeStage, split_outputs
 from megaclip.tokenizer import build_tokenizer
 from megaclip.tokenizer.pooling import check_tokenizer
 from tests.mp_util import REPO
@@ -91,7 +91,7 @@ def test_eos_pooling_equals_open_clip_and_the_pipeline_stage():
     tokens = _tokens()
     images = torch.randn(len(tokens), 3, 32, 32)
     plan = StagePlan(0, 1, (0, cfg.vision.layers), (0, cfg.text.layers), 0)
-    stage = ClipStage(cfg, plan).eval()
+    stage = PipeStage(cfg, plan).eval()
     stage.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         ours = model.encode_text(tokens, normalize=False)

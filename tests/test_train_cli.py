@@ -70,10 +70,10 @@ def test_short_two_process_run_learns_and_evaluates(tmp_path):
         f"zeroshot.data={data}/val-000000.tar",
         f"zeroshot.classnames={data}/classnames.txt",
         f"zeroshot.templates={data}/templates.txt",
-        "zeroshot.every=30",
-        # 60 steps (20 of warmup): after 40 the loss ratio still varied 0.79-0.91 with the seed,
-        # after 60 it is 0.72-0.74 (seeds 0-2), clear of the 0.8 bound below.
-        "train.steps=60",
+        "zeroshot.every=40",
+        # 80 steps (20 of warmup): after 60 of a 60-step run the loss ratio was 0.81 (seed 0), after
+        # 80 of an 80-step run it is 0.67-0.72 (seeds 0-2), clear of the 0.8 bound below.
+        "train.steps=80",
         "train.log_every=5",
         f"train.out_dir={run}",
         "parallel.micro_batch_size=32",
@@ -81,13 +81,13 @@ def test_short_two_process_run_learns_and_evaluates(tmp_path):
     )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 12
+    assert len(losses) == 16
     assert losses[-1] < 0.8 * losses[0], losses
     zeroshot = [r for r in records if "zeroshot_top1" in r]
-    assert [r["step"] for r in zeroshot] == [30, 60]
+    assert [r["step"] for r in zeroshot] == [40, 80]
     assert zeroshot[-1]["zeroshot_top1"] > 0.2  # chance is 0.1
     summary = json.loads((run / "summary.json").read_text())
-    assert (run / "final_open_clip.pt").is_file() and summary["steps"] == 60
+    assert (run / "final_open_clip.pt").is_file() and summary["steps"] == 80
     for key in ("samples_per_s", "tflops_per_device", "mfu", "peak_memory_gib", "lr"):
         assert key in records[0]
 

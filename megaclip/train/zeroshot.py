@@ -23,11 +23,16 @@ from megaclip.config.train import ZeroShotSection
 from megaclip.errors import DataError
 
 
-def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x`` with zero rows appended up to ``rows`` rows."""
+def _padded(x: torch.Tensor, rows: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` with filler rows appended up to ``rows`` rows: copies of ``fill`` [1, ...], or zeros.
+
+    Filler rows are computed and dropped; token rows are filled with a real prompt, so that
+    every text row the model sees is a valid sequence (pooled at its end-of-text token).
+    """
     if x.shape[0] == rows:
         return x
-    pad = torch.zeros((rows - x.shape[0], *x.shape[1:]), dtype=x.dtype)
+    n = rows - x.shape[0]
+    pad = torch.zeros((n, *x.shape[1:]), dtype=x.dtype) if fill is None else fill.expand(n, -1)
     return torch.cat([x, pad])
 
 
@@ -42,7 +47,7 @@ def _slots(prompt_tokens: torch.Tensor, images, b: int, cfg) -> Iterator[tuple]:
             imgs, labels = torch.zeros(0, *shape), torch.zeros(0, dtype=torch.long)
         else:
             imgs, labels = batch[0].float(), torch.as_tensor(batch[1]).long()
-        yield _padded(imgs, b), _padded(tokens, b), tokens.shape[0], labels
+        yield _padded(imgs, b), _padded(tokens, b, prompt_tokens[:1]), tokens.shape[0], labels
 
 
 def _image_batches(zs: ZeroShotSection, classnames, image_size: int, b: int):
@@ -98,7 +103,7 @@ def engine_zeroshot(clip_engine, tokenizer, zs: ZeroShotSection) -> dict[str, fl
 
 def _dummy_slot(b: int, tokens: torch.Tensor, cfg):
     shape = (b, cfg.vision.channels, cfg.vision.image_size, cfg.vision.image_size)
-    return torch.zeros(shape), torch.zeros(b, tokens.shape[1], dtype=tokens.dtype), 0, []
+    return torch.zeros(shape), tokens[:1].expand(b, -1).clone(), 0, []
 
 
 def _score(clip_engine, sums, n_templates: int, img_feats, labels) -> dict[str, float | int | None]:

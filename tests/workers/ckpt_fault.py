@@ -26,10 +26,18 @@ from megaclip.config.parallel import ParallelConfig
 from megaclip.parallel.topology import Coords
 
 
+class FakeCheckpointEngine:
+    """DeepSpeed's checkpoint engine: the loader resume.py routes through memory maps."""
+
+    def load(self, path, map_location=None):
+        return torch.load(path, map_location=map_location)
+
+
 class FakeDeepSpeed:
     """The two DeepSpeed engine methods the protocol calls, on a tiny module."""
 
     def __init__(self) -> None:
+        self.checkpoint_engine = FakeCheckpointEngine()
         self.module = torch.nn.Linear(2, 2)
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
 
@@ -41,7 +49,7 @@ class FakeDeepSpeed:
 
     def load_checkpoint(self, root, tag, **_):
         path = Path(root) / tag / "mp_rank_00_model_states.pt"
-        self.module.load_state_dict(torch.load(path)["module"])
+        self.module.load_state_dict(self.checkpoint_engine.load(str(path))["module"])
         return str(path), {}
 
 

@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
+import megaclip.model.clip as clip
 import megaclip.model.text as text
-import megaclip.pipeline.stages as stages
 from megaclip.cli.main import main
 
 _original = text.pool_index
@@ -30,7 +30,7 @@ def _spy(tokens, pool_type="argmax", eos_id=None):
     return index
 
 
-text.pool_index = stages.pool_index = _spy
+text.pool_index = clip.pool_index = _spy
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
