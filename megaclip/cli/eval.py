@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any
 
+from megaclip.cli.common import add_group
 from megaclip.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -18,14 +19,16 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `megaclip eval zeroshot` and `megaclip eval retrieval`."""
-    parser = subparsers.add_parser(
+    sub = add_group(
+        subparsers,
         "eval",
         help="zero-shot classification and image-text retrieval of a checkpoint",
         description="Evaluate a CLIP checkpoint: an open_clip state dict (.pt/.safetensors, with "
         "--model), a megaclip export {model_config, state_dict}, an open_clip or Hugging Face "
         "CLIPModel directory, or a megaclip checkpoint directory. See docs/eval.md.",
+        dest="eval_command",
+        metavar="TASK",
     )
-    sub = parser.add_subparsers(dest="eval_command", metavar="TASK")
 
     zs = sub.add_parser(
         "zeroshot",
@@ -83,7 +86,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cb.add_argument("--split", default="test", help="split name (test)")
     cb.add_argument("--label-ext", choices=("json", "cls"), default="json", help="(json)")
     cb.set_defaults(func=_to_benchmark)
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
 
 
 def _common(p: argparse.ArgumentParser) -> None:

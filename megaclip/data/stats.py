@@ -121,24 +121,21 @@ class SkipStats:
         """
         seen = self.seen
         tried = self.shards_read + self.shard_errors
-        if (
-            max_skip_fraction is not None
-            and tried
-            and (final or tried >= MIN_SHARDS_FOR_CHECK)
-            and self.shard_errors > max_skip_fraction * tried
-        ):
+
+        def too_many(bad: int, total: int, enough: int) -> bool:
+            """More than the tolerated fraction, once ``enough`` were looked at (or at the end)."""
+            if max_skip_fraction is None or not total or not (final or total >= enough):
+                return False
+            return bad > max_skip_fraction * total
+
+        if too_many(self.shard_errors, tried, MIN_SHARDS_FOR_CHECK):
             raise DataError(
                 f"{self.shard_errors} of {tried} shards could not be read "
                 f"({self.shard_errors / tried:.1%}), above max_skip_fraction={max_skip_fraction}: "
                 f"{self._reason_text()}; check the URLs, commands and files named in the warnings "
                 "above, or raise max_skip_fraction"
             )
-        if (
-            max_skip_fraction is not None
-            and seen
-            and (final or seen >= min_samples)
-            and self.skipped > max_skip_fraction * seen
-        ):
+        if too_many(self.skipped, seen, min_samples):
             raise DataError(
                 f"{self.skipped} of {seen} samples ({self.skip_fraction:.1%}) were skipped, above "
                 f"max_skip_fraction={max_skip_fraction}: {self._reason_text()}; check the shards "

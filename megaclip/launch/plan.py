@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from megaclip.errors import ConfigError
@@ -337,6 +337,28 @@ def _master_for(host: str) -> str:
     return "127.0.0.1" if host in LOCAL_NAMES else host
 
 
+def _rendezvous(master: str, port: int, *more: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    """A node's environment: MASTER_ADDR / MASTER_PORT, then ``more`` (name, value) pairs."""
+    return (("MASTER_ADDR", master), ("MASTER_PORT", str(port)), *more)
+
+
+def _plan(
+    launcher: str,
+    argv: Sequence[str],
+    nodes: tuple[NodePlan, ...],
+    master: str,
+    port: int,
+    tp: int,
+    pp: int,
+    dp: int,
+    blocks: Sequence[range],
+    notes: Sequence[str] = (),
+) -> LaunchPlan:
+    """The LaunchPlan of these nodes; ``notes`` plus a warning if TP groups span nodes."""
+    notes = (*notes, *_tp_notes(blocks, tp))
+    return LaunchPlan(launcher, tuple(argv), nodes, master, port, tp, pp, dp, notes=notes)
+
+
 def _tp_notes(blocks: Sequence[range], tp: int) -> list[str]:
     """A warning when tensor-parallel groups span nodes (TP traffic then leaves NVLink)."""
     split = split_tp_groups(blocks, tp)
@@ -429,9 +451,9 @@ def deepspeed_plan(
             host=host.name,
             ranks=tuple(block),
             local_ranks=tuple(r % len(block) for r in block),
-            env=(
-                ("MASTER_ADDR", master),
-                ("MASTER_PORT", str(master_port)),
+            env=_rendezvous(
+                master,
+                master_port,
                 ("WORLD_SIZE", str(world)),
                 ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in range(len(block)))),
             ),
@@ -439,17 +461,7 @@ def deepspeed_plan(
         )
         for i, (host, block) in enumerate(zip(selected, blocks))
     )
-    return LaunchPlan(
-        "deepspeed",
-        tuple(argv),
-        nodes,
-        master,
-        master_port,
-        tp,
-        pp,
-        dp,
-        notes=tuple(notes + _tp_notes(blocks, tp)),
-    )
+    return _plan("deepspeed", argv, nodes, master, master_port, tp, pp, dp, blocks, notes)
 
 
 def slurm_plan(
@@ -496,27 +508,13 @@ def slurm_plan(
             host=host,
             ranks=tuple(block),
             local_ranks=tuple(range(len(block))),
-            env=(
-                ("MASTER_ADDR", master),
-                ("MASTER_PORT", str(master_port)),
-                ("SLURM_NTASKS", str(world)),
-            ),
+            env=_rendezvous(master, master_port, ("SLURM_NTASKS", str(world))),
             argv=tuple(rank_argv),
         )
         for i, (host, block) in enumerate(zip(nodelist, blocks))
     )
-    return LaunchPlan(
-        "slurm",
-        tuple(argv),
-        nodes,
-        master,
-        master_port,
-        tp,
-        pp,
-        dp,
-        rank_vars=("SLURM_PROCID", "SLURM_LOCALID"),
-        notes=tuple(_tp_notes(blocks, tp)),
-    )
+    plan = _plan("slurm", argv, nodes, master, master_port, tp, pp, dp, blocks)
+    return replace(plan, rank_vars=("SLURM_PROCID", "SLURM_LOCALID"))
 
 
 def torchrun_plan(
@@ -568,11 +566,7 @@ def torchrun_plan(
             host=master_addr if i == 0 and rdzv == "static" else "",
             ranks=tuple(block),
             local_ranks=tuple(range(nproc_per_node)),
-            env=(
-                ("MASTER_ADDR", master_addr),
-                ("MASTER_PORT", str(master_port)),
-                ("WORLD_SIZE", str(world)),
-            ),
+            env=_rendezvous(master_addr, master_port, ("WORLD_SIZE", str(world))),
             argv=rank_argv,
             launch_argv=tuple(node_argv(i)),
         )
@@ -594,17 +588,8 @@ def torchrun_plan(
                 else ""
             )
         )
-    return LaunchPlan(
-        "torchrun",
-        tuple(node_argv(node_rank)),
-        nodes,
-        master_addr,
-        master_port,
-        tp,
-        pp,
-        dp,
-        notes=tuple(notes + _tp_notes(blocks, tp)),
-    )
+    launch = node_argv(node_rank)
+    return _plan("torchrun", launch, nodes, master_addr, master_port, tp, pp, dp, blocks, notes)
 
 
 # --------------------------------------------------------------------------- output

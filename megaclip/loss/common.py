@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -177,6 +178,15 @@ def workspace_width(b: int, dp: int, chunk_size: int | None, mode: str) -> int:
     return block if chunk_size is None else min(block, chunk_size)
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """How a loss runs over the DP group: the group's view, columns per chunk, mode."""
+
+    comm: DPComm
+    chunk_size: int | None
+    mode: str
+
+
 @dataclass
 class Columns:
     """What a loss's forward sets up: this rank's rows and the N columns they meet.
@@ -198,16 +208,9 @@ class Columns:
     mode: str
 
     @classmethod
-    def setup(
-        cls,
-        image: Tensor,
-        text: Tensor,
-        logit_scale: Tensor,
-        comm: DPComm,
-        chunk_size: int | None,
-        mode: str,
-    ) -> Columns:
+    def setup(cls, image: Tensor, text: Tensor, logit_scale: Tensor, opts: LossOptions) -> Columns:
         """Concatenate (and in allgather mode gather) the rows; exp of the detached scale."""
+        comm, chunk_size, mode = opts.comm, opts.chunk_size, opts.mode
         b = image.shape[0]
         acc = acc_dtype(image.dtype)
         local = torch.cat([image, text], dim=1).detach()  # [b, 2d]: what the columns are made of
@@ -227,6 +230,20 @@ class Columns:
         b = self.local.shape[0]
         width = workspace_width(b, self.comm.size, self.chunk_size, self.mode)
         return ChunkWorkspace(b, width, k, dtype, device)
+
+
+def apply_loss(
+    fn: type[torch.autograd.Function],
+    features: tuple[Tensor, ...],
+    comm: DPComm,
+    chunk_size: int | None,
+    mode: str,
+) -> Any:
+    """``fn.apply(*features, LossOptions(...))`` after checking the options and the features
+    (image, text, then the shape-[1] scalars: logit_scale, logit_bias)."""
+    check_options(chunk_size, mode)
+    check_features(*features)
+    return fn.apply(*features, LossOptions(comm, chunk_size, mode))
 
 
 def scaled(rows: Tensor, scale: Tensor) -> Tensor:

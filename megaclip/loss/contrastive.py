@@ -30,8 +30,8 @@ from megaclip.loss.common import (
     Columns,
     DPComm,
     LossModule,
-    check_features,
-    check_options,
+    LossOptions,
+    apply_loss,
     diagonal_in_chunk,
     scaled,
 )
@@ -128,12 +128,10 @@ class _ClipLossFn(torch.autograd.Function):
         image: Tensor,
         text: Tensor,
         logit_scale: Tensor,
-        comm: DPComm,
-        chunk_size: int | None,
-        mode: str,
+        opts: LossOptions,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, d = image.shape
-        c = Columns.setup(image, text, logit_scale, comm, chunk_size, mode)
+        c = Columns.setup(image, text, logit_scale, opts)
         acc, offset, n, scale = c.acc, c.offset, c.n, c.scale
         pos = (image.to(acc) * text.to(acc)).sum(dim=1).mul_(scale)  # canonical positive logits
         image_s, text_s = scaled(image, scale), scaled(text, scale)
@@ -147,7 +145,7 @@ class _ClipLossFn(torch.autograd.Function):
         ce_t2i, hit_t2i = t2i.result(pos, offset)
         part = ce_i2t.sum() + ce_t2i.sum()
         sums = torch.stack([part, hit_i2t.to(acc), hit_t2i.to(acc)])
-        stats = comm.gather(torch.cat([pos, ce_i2t, ce_t2i, sums])).view(comm.size, 3 * b + 3)
+        stats = c.comm.gather(torch.cat([pos, ce_i2t, ce_t2i, sums])).view(c.comm.size, 3 * b + 3)
         totals = stats[:, 3 * b :].sum(dim=0)  # same order on every rank: bit-identical result
         ctx.save_for_backward(image, text, logit_scale)
         ctx.columns = c
@@ -183,7 +181,7 @@ class _ClipLossFn(torch.autograd.Function):
         d_image = (g * scale * grad_i).to(image.dtype)
         d_text = (g * scale * grad_t).to(text.dtype)
         d_scale = (g * p_dot).to(logit_scale.dtype).reshape(logit_scale.shape)
-        return d_image, d_text, d_scale, None, None, None
+        return d_image, d_text, d_scale, None
 
 
 def clip_loss_with_comm(
@@ -195,11 +193,8 @@ def clip_loss_with_comm(
     mode: str = "allgather",
 ) -> ClipLossOutput:
     """Global-batch CLIP loss; ``comm`` supplies this rank's index, the DP size and collectives."""
-    check_options(chunk_size, mode)
-    check_features(image_features, text_features, logit_scale)
-    loss, i2t, t2i = _ClipLossFn.apply(
-        image_features, text_features, logit_scale, comm, chunk_size, mode
-    )
+    features = (image_features, text_features, logit_scale)
+    loss, i2t, t2i = apply_loss(_ClipLossFn, features, comm, chunk_size, mode)
     return ClipLossOutput(loss, i2t.detach(), t2i.detach())
 
 

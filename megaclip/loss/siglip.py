@@ -23,8 +23,8 @@ from megaclip.loss.common import (
     Columns,
     DPComm,
     LossModule,
-    check_features,
-    check_options,
+    LossOptions,
+    apply_loss,
     diagonal_in_chunk,
     scaled,
 )
@@ -86,19 +86,17 @@ class _SigLipLossFn(torch.autograd.Function):
         text: Tensor,
         logit_scale: Tensor,
         logit_bias: Tensor,
-        comm: DPComm,
-        chunk_size: int | None,
-        mode: str,
+        opts: LossOptions,
     ) -> Tensor:
         d = image.shape[1]
-        c = Columns.setup(image, text, logit_scale, comm, chunk_size, mode)
+        c = Columns.setup(image, text, logit_scale, opts)
         bias = logit_bias.detach().reshape(()).to(c.acc)
         ws = c.workspace(2, image.dtype, image.device)
         part = torch.zeros((), dtype=c.acc, device=image.device)
         image_s = scaled(image, c.scale)
         for start, cols in c.chunks():
             part += _pair_loss_chunk(ws, image_s, cols[:, d:], bias, c.offset, start)
-        total = comm.gather(part.reshape(1)).sum()  # same order on every rank
+        total = c.comm.gather(part.reshape(1)).sum()  # same order on every rank
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
         ctx.columns, ctx.bias = c, bias
         return total / c.n
@@ -128,7 +126,7 @@ class _SigLipLossFn(torch.autograd.Function):
         d_text = (g * scale * grad_t).to(text.dtype)
         d_scale = (g * g_dot).to(logit_scale.dtype).reshape(logit_scale.shape)
         d_bias = (g * g_sum).to(logit_bias.dtype).reshape(logit_bias.shape)
-        return d_image, d_text, d_scale, d_bias, None, None, None
+        return d_image, d_text, d_scale, d_bias, None
 
 
 def siglip_loss_with_comm(
@@ -141,11 +139,8 @@ def siglip_loss_with_comm(
     mode: str = "allgather",
 ) -> Tensor:
     """Global-batch SigLIP loss; ``comm`` supplies this rank's index, DP size and collectives."""
-    check_options(chunk_size, mode)
-    check_features(image_features, text_features, logit_scale, logit_bias)
-    return _SigLipLossFn.apply(
-        image_features, text_features, logit_scale, logit_bias, comm, chunk_size, mode
-    )
+    features = (image_features, text_features, logit_scale, logit_bias)
+    return apply_loss(_SigLipLossFn, features, comm, chunk_size, mode)
 
 
 def siglip_loss(
