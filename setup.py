@@ -52,7 +52,9 @@ setup(
         # Hugging Face transformers: verify exports (`convert --to hf --verify`), load them.
         "hf": ["transformers>=4.40,<6"],
         "demo": ["scikit-learn>=1.3", "pillow>=9"],
-        "dev": ["ruff==0.17.6"],  # pinned: format output differs between releases
+        # ruff pinned: format output differs between releases; import-linter: `lint-imports`
+        # checks the package layering in pyproject.toml
+        "dev": ["ruff==0.17.6", "import-linter>=2.16,<3"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
     },

@@ -6,7 +6,7 @@ For every layout it launches torchrun, wraps torch.distributed's collectives in 
 (megaclip.bench.comm) before DeepSpeed starts, records ``--steps`` steps after ``--warmup``,
 classifies each call by process group (TP / DP / PP; the loss's gathers are tagged while the
 engine computes the global loss) and compares the per-step payload with
-megaclip.bench.analytic. Initialisation broadcasts happen before recording and are excluded.
+megaclip.perf.comm.comm_volume. Initialisation broadcasts happen before recording and are excluded.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megaclip.bench.compare import (  # noqa: E402
     compare_comm,
     fmt_bytes,
-    rank_volume,
+    layout_spec,
+    report_all,
     run_workers,
     summarize_comm,
 )
-from megaclip.bench.harness import BenchSpec  # noqa: E402
+from megaclip.bench.harness import ZERO3_ALL_GATHERED  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
-
-ZERO3_ALL_GATHERED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+from megaclip.perf.comm import comm_volume  # noqa: E402
 
 # name -> (tp, pp, dp, zero, micro, accum, ds_overrides)
 LAYOUTS = {
@@ -40,24 +40,27 @@ LAYOUTS = {
     "dp2-zero3-m1": (1, 1, 2, 3, 4, 1, ZERO3_ALL_GATHERED),
     "pp2": (1, 2, 1, 1, 2, 2, {}),
     "tp2xpp2": (2, 2, 1, 1, 2, 2, {}),
+    "pp2-recompute": (1, 2, 1, 1, 2, 2, {}),
+    "tp2xpp2-recompute": (2, 2, 1, 1, 2, 2, {}),
 }
-DEFAULT = "tp2,dp2-zero0,dp2-zero1,dp2-zero2,dp2-zero3,dp2-zero3-m1,pp2,tp2xpp2"
+#: PP layouts on the two-pass schedule (no-grad feature pass, then stock 1F1B); else "auto".
+RECOMPUTE = ("pp2-recompute", "tp2xpp2-recompute")
+DEFAULT = ",".join(LAYOUTS)
 
 
 def measure(name: str, model: str, steps: int, warmup: int, precision: str) -> dict:
     """Run one layout; per rank: rows (measured vs analytic) and the summary."""
-    tp, pp, dp, zero, micro, accum, ds = LAYOUTS[name]
-    spec = BenchSpec(
-        model=model, tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, accum=accum,
-        precision=precision, steps=steps, warmup=warmup, ds_overrides=ds,
+    spec = layout_spec(
+        LAYOUTS[name], model=model, precision=precision, steps=steps, warmup=warmup,
+        schedule="recompute" if name in RECOMPUTE else "auto",
     )  # fmt: skip
-    world = tp * pp * dp
+    world = spec.world_size()
     results = run_workers("comm", spec, world)
     cfg = resolve_model(model)
     par = spec.parallel(world)
     ranks = []
     for r in results:
-        rows = compare_comm(r["rows"], rank_volume(cfg, par, r["pp"]))
+        rows = compare_comm(r["rows"], comm_volume(cfg, par, r["pp"]))
         s = summarize_comm(rows)
         ranks.append(
             {
@@ -109,15 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
     args = p.parse_args(argv)
-    out = []
-    for name in args.layouts.split(","):
-        res = measure(name.strip(), args.model, args.steps, args.warmup, args.precision)
-        print_layout(res)
-        sys.stdout.flush()
-        out.append(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
-    return 0
+    run = lambda name: measure(name, args.model, args.steps, args.warmup, args.precision)  # noqa: E731
+    return report_all(args.layouts.split(","), run, print_layout, args.json)
 
 
 if __name__ == "__main__":

@@ -179,11 +179,13 @@ def measure(impl: str, n: int, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Sweep N, print a table, ratios and one JSON line per N."""
+    from megaclip.config.train import LOSS_CHUNK_SIZE
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     p.add_argument("--dp", type=int, default=64, help="DP size one process stands in for")
     p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--chunk", type=int, default=4096, help="megaclip chunk_size")
+    p.add_argument("--chunk", type=int, default=LOSS_CHUNK_SIZE, help="megaclip chunk_size")
     p.add_argument("--repeats", type=int, default=3, help="timed iterations after a warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--global-max-n", type=int, default=8192, help="largest N for local_loss=False")

@@ -54,6 +54,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megaclip.train.host import children_of, pid_alive, process_table, status_kib  # noqa: E402
 
 
 def train_overrides(args: argparse.Namespace, out_dir: Path) -> list[str]:
@@ -125,54 +128,19 @@ def launch(
     )
 
 
-def _proc_table() -> dict[int, tuple[int, list[bytes]]]:
-    """{pid: (parent pid, argv)} of every process."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        table[int(entry.name)] = (int(fields[1]), argv)
-    return table
-
-
 def rank_pids(launcher: int) -> list[int]:
     """The `megaclip train` ranks torchrun ``launcher`` started (its children)."""
     return [
         pid
-        for pid, (ppid, argv) in _proc_table().items()
+        for pid, (ppid, argv) in process_table().items()
         if ppid == launcher and b"megaclip" in argv
     ]
 
 
-def children(pids: list[int]) -> list[int]:
-    """Processes whose parent is one of ``pids`` (the ranks' DataLoader workers)."""
-    want = set(pids)
-    return [pid for pid, (ppid, _) in _proc_table().items() if ppid in want]
-
-
 def rss_mib(pid: int) -> float | None:
     """Resident memory of ``pid`` in MiB (None if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    kib = status_kib("VmRSS", pid)
+    return None if kib is None else kib / 1024
 
 
 @dataclass
@@ -222,8 +190,8 @@ def resumed_step(log_text: str) -> int:
 def expected_fingerprints(args: argparse.Namespace, steps: int) -> list[str]:
     """Fingerprints of steps 1..steps of an uninterrupted run (rank 0's stream, offline)."""
     from megaclip.config.train import load_run_config
+    from megaclip.data.stream import batch_fingerprint
     from megaclip.parallel.topology import Topology
-    from megaclip.train.faults import batch_fingerprint
     from megaclip.train.loop import micro_batch_stream
 
     cfg = load_run_config(None, train_overrides(args, Path("unused")))
@@ -405,7 +373,7 @@ def watch(
                 ranks = rank_pids(proc.pid)
             rss = [rss_mib(pid) for pid in ranks]
             if len(ranks) == nproc and None not in rss:  # + the ranks' DataLoader workers
-                workers = [rss_mib(pid) for pid in children(ranks)]
+                workers = [rss_mib(pid) for pid in children_of(ranks)]
                 samples.append((now - t0, sum(rss) + sum(w for w in workers if w is not None)))
             next_sample = now + 1.0
         time.sleep(0.05)
@@ -415,9 +383,9 @@ def watch(
 def reap_orphans(ranks: list[int], grace_s: float = 15.0) -> int:
     """How many of ``ranks`` outlived their launcher by ``grace_s``; those are SIGKILLed."""
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(alive(pid) for pid in ranks):
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in ranks):
         time.sleep(0.05)
-    left = [pid for pid in ranks if alive(pid)]
+    left = [pid for pid in ranks if pid_alive(pid)]
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -14,20 +14,19 @@ timed in process CPU time (the primary figure: on a shared machine wall time mos
 the scheduler; with --threads 1, the default, CPU time is the work done) and in wall time.
 Reported: medians per side, the ratio megaclip / open_clip, forward+backward without the
 optimizer, and MFU = 6 x MACs x batch / step time / peak, where the peak is the best square GEMM
-(megaclip.bench.peak.probe_matmul) of the same dtype measured in this process with the same
+(megaclip.train.metrics.probe_matmul) of the same dtype measured in this process with the same
 thread count, before and after the steps, in the same clock (CPU or wall). --profile prints
 torch.profiler's top operators of one step of each side.
 
 On a GPU (``--device cuda``, or ``auto``: the accelerator's device) both sides run there, each
 step is timed between device synchronisations, the probe is a GPU GEMM, and ``mfu_datasheet``
-is MFU against the GPU's dense datasheet peak (megaclip.bench.peak.table_peak, e.g. H100/H200
+is MFU against the GPU's dense datasheet peak (megaclip.perf.devices.datasheet_peak, e.g. H100/H200
 bf16 989.4 TFLOP/s) next to ``mfu_step`` against the probe.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -37,9 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from megaclip.bench.formulas import median  # noqa: E402
+from megaclip.bench.compare import report_all  # noqa: E402
 from megaclip.bench.harness import synthetic_config  # noqa: E402
-from megaclip.bench.peak import probe_matmul, table_peak  # noqa: E402
 from megaclip.checkpoint.openclip import open_clip_model, to_open_clip  # noqa: E402
 from megaclip.config.model import resolve_model  # noqa: E402
 from megaclip.data.synthetic import synthetic_batch  # noqa: E402
@@ -47,6 +45,9 @@ from megaclip.loss.contrastive import clip_loss  # noqa: E402
 from megaclip.model.clip import ClipModel  # noqa: E402
 from megaclip.model.flops import model_cost  # noqa: E402
 from megaclip.model.init import init_parameters  # noqa: E402
+from megaclip.perf.devices import datasheet_peak  # noqa: E402
+from megaclip.perf.throughput import median  # noqa: E402
+from megaclip.train.metrics import probe_matmul  # noqa: E402
 from megaclip.train.optim import build_optimizer, param_groups  # noqa: E402
 
 
@@ -183,8 +184,8 @@ def run(args, precision: str) -> dict:
     sheet = None
     if device.type == "cuda":
         out["device_name"] = torch.cuda.get_device_name(device)
-        sheet = table_peak(out["device_name"], precision)
-        out["datasheet_peak_tflops"] = sheet.flops / 1e12 if sheet else None
+        sheet = datasheet_peak(out["device_name"], precision)
+        out["datasheet_peak_tflops"] = sheet[0] / 1e12 if sheet else None
     for side in (mega, oc):
         t, fb = median(side.times), median(side.fwd_bwd)
         c, cfb = median(side.cpu), median(side.cpu_fwd_bwd)
@@ -197,7 +198,7 @@ def run(args, precision: str) -> dict:
             "step_times": side.times,
             "cpu_times": side.cpu,
             "mfu_step": flops / t / peak,
-            "mfu_datasheet": flops / t / sheet.flops if sheet else None,
+            "mfu_datasheet": flops / t / sheet[0] if sheet else None,
             "mfu_cpu_step": flops / c / peak_cpu,
             "mfu_cpu_fwd_bwd": flops / cfb / peak_cpu,
             "last_loss": side.losses[-1],
@@ -268,15 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    results = []
-    for precision in args.precision.split(","):
-        r = run(args, precision.strip())
-        print_result(r)
-        sys.stdout.flush()
-        results.append(r)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
-    return 0
+    return report_all(args.precision.split(","), lambda p: run(args, p), print_result, args.json)
 
 
 if __name__ == "__main__":

@@ -17,5 +17,5 @@ megaclip_plan() {
     local dry=()
     case "${DRY_RUN:-0}" in 0 | "" | false | no) ;; *) dry=(--dry-run --format "${PLAN_FORMAT:-text}") ;; esac
     # ${a[@]+"${a[@]}"}: an empty array under `set -u` in bash < 4.4 (still common on clusters)
-    exec "$PYTHON" -m megaclip.launch.plan ${dry[@]+"${dry[@]}"} "$@"
+    exec "$PYTHON" -m megaclip.cli.launch ${dry[@]+"${dry[@]}"} "$@"
 }

@@ -3,42 +3,53 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from megaclip.bench.launch import free_port as free_port
+from megaclip.bench.launch import torchrun_cmd
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test subprocess: this repo importable, CPU accelerator, 1 thread."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def megaclip_cli(
+    *args: str, env: dict | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m megaclip ARGS`` from the repository root, output captured as text.
+
+    ``env``: the subprocess's environment (default: this process's own).
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "megaclip", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def torchrun(
     nproc: int, script: str | Path, *args: str, timeout: float = 300.0, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` local processes; raise with the full log if any rank fails."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *([str(script)] if str(script) != "-m" else ["-m"]),
-        *map(str, args),
-    ]
-    full_env = dict(os.environ)
-    full_env.update(
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-        PYTHONPATH=os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]),
-        PYTHONUNBUFFERED="1",
-    )
+    target = [str(script)] if str(script) != "-m" else ["-m"]
+    cmd = torchrun_cmd(nproc, [*target, *map(str, args)])
+    full_env = subprocess_env()
     full_env.update(env or {})
     proc = subprocess.run(
         cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +43,14 @@ def rank_micro_batches(images, tokens, par: ParallelConfig, dp_rank: int):
     ]
 
 
+class Reference(NamedTuple):
+    """What the layouts are compared with: per-step losses, final weights, step-1 exp_avg."""
+
+    losses: list[float]
+    state: dict[str, torch.Tensor]
+    exp_avg: dict[str, torch.Tensor]  # Adam's first moment after step 1: (1 - beta1) x gradient
+
+
 def model_for(model: str, loss: str = "clip") -> ClipConfig:
     """The preset, with SigLIP's logit bias and temperature (paper init) for ``loss=siglip``."""
     cfg = load_preset(model)
@@ -58,8 +67,10 @@ def reference_loss(img, txt, logit, cfg: ClipConfig, loss: str = "clip"):
     return clip_loss(img, txt, scale, chunk_size=None).loss
 
 
-def reference_run(model: str, global_size: int, steps: int, seed: int, loss: str = "clip"):
-    """Losses per step and final open_clip-keyed weights of plain single-process training."""
+def reference_run(
+    model: str, global_size: int, steps: int, seed: int, loss: str = "clip"
+) -> Reference:
+    """Plain single-process training: losses, open_clip-keyed weights and step-1 moments."""
     cfg = model_for(model, loss)
     net = ClipModel(cfg)
     init_parameters(net, cfg, seed)
@@ -67,7 +78,7 @@ def reference_run(model: str, global_size: int, steps: int, seed: int, loss: str
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_at(s, 1.0, OPTIM["warmup_steps"], OPTIM["total_steps"], 0.0)
     )
-    losses = []
+    losses, exp_avg = [], {}
     for step in range(steps):
         images, tokens = global_batch(cfg, global_size, seed=1000 + step)
         img, txt, logit = net(images, tokens)
@@ -77,4 +88,7 @@ def reference_run(model: str, global_size: int, steps: int, seed: int, loss: str
         opt.step()
         sched.step()
         losses.append(value.item())
-    return losses, to_open_clip(net.state_dict())
+        if step == 0:
+            moments = {n: opt.state[p]["exp_avg"].clone() for n, p in net.named_parameters()}
+            exp_avg = to_open_clip(moments)
+    return Reference(losses, to_open_clip(net.state_dict()), exp_avg)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megaclip.bench.comm import CommRecord, classify, sent_bytes, totals
+from megaclip.bench.comm import CommRecord, classify, totals
+from megaclip.perf.comm import sent_bytes
 from tests.mp_util import torchrun
 
 

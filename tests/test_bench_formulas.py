@@ -1,34 +1,39 @@
-"""Benchmark formulas on hand-computed cases: TFLOPs/MFU/HFU, bubbles, analytic comm and memory."""
+"""Benchmark formulas on hand-computed cases: TFLOPs/MFU/HFU, bubbles, analytic comm and memory.
+
+The formulas live in megaclip.perf (throughput, comm accounting, model states, device table);
+megaclip.bench counts what a real engine holds and compares.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from megaclip.bench.analytic import (
-    comm_volume,
-    packed_bytes,
-    rank_params,
-    stage_of,
-    state_memory,
-    tp_volume,
-)
 from megaclip.bench.compare import compare_comm, summarize_comm
-from megaclip.bench.formulas import (
+from megaclip.bench.memory import count_state
+from megaclip.config.model import load_preset
+from megaclip.config.parallel import ParallelConfig
+from megaclip.model.flops import model_cost
+from megaclip.perf.comm import Volume, comm_volume, packed_stage_bytes, tp_volume
+from megaclip.perf.devices import datasheet_peak
+from megaclip.perf.memory import default_stages, model_state_bytes, stage_params
+from megaclip.perf.throughput import (
     analytic_bubble,
     hardware_flops_factor,
     measured_bubble,
     median,
     throughput,
 )
-from megaclip.bench.memory import count_state
-from megaclip.bench.peak import probe_matmul, table_peak
-from megaclip.config.model import load_preset
-from megaclip.config.parallel import ParallelConfig
-from megaclip.model.flops import model_cost
+from megaclip.train.metrics import probe_matmul
+
+
+def rank_params(cfg, tp: int, pp: int = 1, stage: int = 0) -> int:
+    """Parameters of one TP rank of pipeline stage ``stage`` out of ``pp``."""
+    return stage_params(cfg, tp, default_stages(cfg, pp)[stage])
 
 
 def test_throughput_hand_case():
@@ -63,30 +68,38 @@ def test_flops_factors_and_bubbles():
 def test_rank_params_partition_the_model():
     cfg = load_preset("tiny-pp")
     total = model_cost(cfg).params_total
-    assert rank_params(cfg, 1, None) == total
-    par = ParallelConfig(pp=2, micro_batch_size=2, grad_accum_steps=2)
-    assert sum(rank_params(cfg, 1, stage_of(cfg, par, s)) for s in range(2)) == total
+    assert rank_params(cfg, 1) == total
+    assert sum(rank_params(cfg, 1, 2, s) for s in range(2)) == total
     # TP=2 halves everything but 6W per block (2 biases + 2 LayerNorms) and the non-block params.
     w, blocks = 16, 8
     split_per_block = 4 * w * w + 3 * w + 2 * w * 32 + 32
-    assert rank_params(cfg, 1, None) - rank_params(cfg, 2, None) == blocks * split_per_block // 2
+    assert rank_params(cfg, 1) - rank_params(cfg, 2) == blocks * split_per_block // 2
 
 
 def test_tp_and_pp_volume_hand_case():
     cfg = load_preset("tiny-pp")  # vision: 5 tokens x 16, text: 8 tokens x 16, 4 + 4 blocks
     par = ParallelConfig(tp=2, micro_batch_size=4, zero_stage=1)
-    (v,) = tp_volume(cfg, par, None)
+    plan = default_stages(cfg, 1)[0]
+    (v,) = tp_volume(cfg, par, plan)
     assert v.calls == 4 * 8  # 4 all-reduces per block, 8 blocks, 1 micro-batch
     assert v.payload_bytes == 4 * 4 * 4 * (4 * 5 * 16 + 4 * 8 * 16)  # k * b * a * sum(S W)
     assert v.sent_bytes == v.payload_bytes  # ring all-reduce over 2 ranks: 2 (1/2) S
     par = ParallelConfig(pp=2, micro_batch_size=2, grad_accum_steps=2)
-    assert packed_bytes(cfg, par) == 2 * (5 * 16 + 8 * 16) * 4
+    assert packed_stage_bytes(cfg, par) == 2 * (5 * 16 + 8 * 16) * 4
     first = {(x.cls, x.op): x for x in comm_volume(cfg, par, 0)}
     last = {(x.cls, x.op): x for x in comm_volume(cfg, par, 1)}
-    p = packed_bytes(cfg, par)
-    assert first[("pp", "send")].payload_bytes == 2 * 2 * (p + 2 * 8)  # 2 passes x m x (act+eot)
+    p = packed_stage_bytes(cfg, par)
+    assert first[("pp", "send")].payload_bytes == 2 * (p + 2 * 8)  # m x (activations + EOT ids)
     assert last[("pp", "send")].payload_bytes == 2 * p  # m gradients
     assert first[("pp", "recv")].payload_bytes == last[("pp", "send")].payload_bytes
+    # the two-pass schedule sends the activations twice and runs 2 more TP all-reduces a block
+    gc = replace(par, schedule="recompute")
+    two = {(x.cls, x.op): x for x in comm_volume(cfg, gc, 0)}
+    assert two[("pp", "send")].payload_bytes == 2 * 2 * (p + 2 * 8)
+    tp_gc = replace(gc, tp=2)
+    (one_pass,) = tp_volume(cfg, replace(tp_gc, schedule="keep"), plan)
+    (two_pass,) = tp_volume(cfg, tp_gc, plan)
+    assert two_pass.calls == one_pass.calls * 6 / 4
 
 
 def test_dp_and_loss_volume_hand_case():
@@ -101,21 +114,19 @@ def test_dp_and_loss_volume_hand_case():
         assert loss.payload_bytes == 2 * 4 * 2 * 16 * 4 + 2 * (3 * 4 + 3) * 4
     par = ParallelConfig(dp=2, zero_stage=3, micro_batch_size=2, grad_accum_steps=2)
     vols = {(x.cls, x.op): x for x in comm_volume(cfg, par, 0)}
-    assert vols[("dp", "all_gather")].payload_bytes == 4 * 4 * n  # 2m gathers when m > 1
+    # 3m gathers when m > 1: the feature pass, then each micro-batch's forward and backward
+    assert vols[("dp", "all_gather")].payload_bytes == 3 * 2 * 4 * n
     assert vols[("dp", "reduce_scatter")].payload_bytes == 2 * 4 * n
 
 
 def test_state_memory_hand_case():
     n = 1000
-    assert state_memory(n, ParallelConfig(dp=2, zero_stage=0)).as_dict() == {
-        "params": 4000, "grads": 4000, "optimizer": 8000, "total": 16000,
-    }  # fmt: skip
-    z1 = state_memory(n, ParallelConfig(dp=4, zero_stage=1, precision="bf16"))
+    z0 = model_state_bytes(n, ParallelConfig(dp=2, zero_stage=0))
+    assert (z0.params, z0.grads, z0.optimizer, z0.model_states) == (4000, 4000, 8000, 16000)
+    z1 = model_state_bytes(n, ParallelConfig(dp=4, zero_stage=1, precision="bf16"))
     assert (z1.params, z1.grads, z1.optimizer) == (2000, 500, 3000)
-    z3 = state_memory(n, ParallelConfig(dp=4, zero_stage=3, precision="bf16"))
+    z3 = model_state_bytes(n, ParallelConfig(dp=4, zero_stage=3, precision="bf16"))
     assert (z3.params, z3.grads, z3.optimizer) == (500, 500, 3000)
-    with pytest.raises(ValueError):
-        state_memory(n, ParallelConfig(dp=2, zero_stage=0, precision="bf16"))
 
 
 def test_count_state_plain_adamw():
@@ -133,8 +144,6 @@ def test_count_state_plain_adamw():
 
 
 def test_compare_and_summarize_comm():
-    from megaclip.bench.analytic import Volume
-
     measured = [
         {"cls": "dp", "op": "all_reduce", "calls": 1, "payload_bytes": 102.0, "sent_bytes": 102.0},
         {"cls": "dp", "op": "broadcast", "calls": 3, "payload_bytes": 6.0, "sent_bytes": 3.0},
@@ -154,9 +163,10 @@ def test_compare_and_summarize_comm():
 
 
 def test_peaks():
-    assert table_peak("NVIDIA H100 80GB HBM3", "bf16").flops == pytest.approx(989.4e12)
-    assert table_peak("NVIDIA A100-SXM4-40GB", "fp32", tf32=False).flops == pytest.approx(19.5e12)
-    assert table_peak("NVIDIA A100-SXM4-40GB", "fp32", tf32=True).flops == pytest.approx(156e12)
-    assert table_peak("cpu", "fp32") is None
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4e12)
+    a100_fp32 = datasheet_peak("NVIDIA A100-SXM4-40GB", "fp32", tf32=False)
+    assert a100_fp32 == (pytest.approx(19.5e12), "table:megaclip.perf:a100-40gb")
+    assert datasheet_peak("NVIDIA A100-SXM4-40GB", "fp32", tf32=True)[0] == pytest.approx(156e12)
+    assert datasheet_peak("cpu", "fp32") is None
     probe = probe_matmul("fp32", size=64, repeats=2)
     assert probe.flops > 0 and probe.source == "probe:fp32:64^3"

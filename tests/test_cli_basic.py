@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.mp_util import REPO
+from tests.mp_util import megaclip_cli
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megaclip", *args], cwd=REPO, capture_output=True, text=True
-    )
+run_cli = megaclip_cli
 
 
 def test_models_lists_presets():

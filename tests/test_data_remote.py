@@ -12,21 +12,17 @@ import functools
 import http.server
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
 
 from megaclip.data.reader import WebDataset
 from megaclip.data.sources import ShardOpenError, open_shard
-from megaclip.data.stats import SkipStats
+from megaclip.data.stats import SkipStats, SkipTally, skip_record
 from megaclip.data.stream import gather_state
 from megaclip.errors import DataError
-from megaclip.train.faults import SkipTally, skip_record
 from tests.data_util import write_shards
-from tests.mp_util import REPO
+from tests.mp_util import megaclip_cli, subprocess_env
 from tests.test_data_resume import make_stream, take
 
 
@@ -134,31 +130,22 @@ def test_cli_counts_a_failing_command_and_an_unreachable_url(served):
     local = photos.replace("{000000..000001}", "000000")
     spec = f"{base}/p/photo-000001.tar::pipe:cat {local}::{base}/p/gone.tar::pipe:cat {d}/gone.tar"
     run = d / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megaclip",
-            "train",
-            "model=demo",
-            "data.kind=webdataset",
-            f"data.train={spec}",
-            "data.mode=resampled",
-            "parallel.dp=1",
-            "parallel.micro_batch_size=4",
-            "train.steps=4",
-            "train.log_every=1",
-            "data.max_skip_fraction=0.9",
-            "train.tensorboard=false",
-            "zeroshot.data=",
-            "deepspeed=null",
-            f"train.out_dir={run}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    out = megaclip_cli(
+        "train",
+        "model=demo",
+        "data.kind=webdataset",
+        f"data.train={spec}",
+        "data.mode=resampled",
+        "parallel.dp=1",
+        "parallel.micro_batch_size=4",
+        "train.steps=4",
+        "train.log_every=1",
+        "data.max_skip_fraction=0.9",
+        "train.tensorboard=false",
+        "zeroshot.data=",
+        "deepspeed=null",
+        f"train.out_dir={run}",
+        env=subprocess_env(),
         timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,4 +1,9 @@
-"""Every (tp, pp, dp, ZeRO) layout trains exactly like one process on the same global batch."""
+"""Every (tp, pp, dp, ZeRO) layout trains exactly like one process on the same global batch.
+
+Compared with the single-process reference: the loss of every step, the weights after the last
+step and the gradients of step 1, seen as Adam's first moment (AdamW's update is blind to a
+per-parameter gradient scale, the moment is not).
+"""
 
 from __future__ import annotations
 
@@ -16,18 +21,33 @@ MODEL, SEED, STEPS = "tiny-pp", 3, 3
 
 
 def _run(tmp_path, world, **spec):
+    """Losses, final weights and step-1 exp_avg of a layout (open_clip keys, all stages)."""
     spec = {"model": MODEL, "seed": SEED, "steps": STEPS, "zero": 1, **spec}
     torchrun(world, "tests/workers/train_layout.py", tmp_path, json.dumps(spec), timeout=400)
     stages = [torch.load(p) for p in sorted(tmp_path.glob("stage*.pt"))]
     assert len(stages) == spec["pp"]
-    state = {}
+    state, exp_avg = {}, {}
     for s in stages:
         state.update(s["state"])
-    return stages[-1]["losses"], state
+        exp_avg.update(s["exp_avg"])
+    return stages[-1]["losses"], state, exp_avg
 
 
-def _compare(losses, state, micro, accum, dp, loss_rtol=1e-4, param_atol=2e-5, loss="clip"):
-    ref_losses, ref_state = reference_run(MODEL, micro * accum * dp, STEPS, SEED, loss=loss)
+def _compare_moments(exp_avg, ref_exp_avg, rtol):
+    """Every tensor's step-1 exp_avg within ``rtol`` of the reference (relative to its norm)."""
+    assert set(exp_avg) == set(ref_exp_avg)
+    for key, want in ref_exp_avg.items():
+        err = (exp_avg[key].reshape(want.shape) - want).norm()
+        assert err <= rtol * want.norm(), (key, float(err / want.norm()))
+
+
+def _compare(
+    losses, state, exp_avg, micro, accum, dp, loss_rtol=1e-4, param_atol=2e-5, loss="clip"
+):
+    ref = reference_run(MODEL, micro * accum * dp, STEPS, SEED, loss=loss)
+    ref_losses, ref_state = ref.losses, ref.state
+    # measured: 1e-6 relative (fp32 rounding); a 1.5x gradient on any tensor is 0.5
+    _compare_moments(exp_avg, ref.exp_avg, rtol=1e-4)
     assert len(losses) == len(ref_losses)
     for got, want in zip(losses, ref_losses):
         assert abs(got - want) <= loss_rtol * abs(want), (losses, ref_losses)
@@ -63,49 +83,55 @@ LAYOUTS = [
     "world, tp, pp, zero, micro, accum", [x[1:] for x in LAYOUTS], ids=[x[0] for x in LAYOUTS]
 )
 def test_layout_equals_single_process(tmp_path, world, tp, pp, zero, micro, accum):
-    losses, state = _run(tmp_path, world, tp=tp, pp=pp, zero=zero, micro=micro, accum=accum)
-    _compare(losses, state, micro, accum, world // (tp * pp))
+    got = _run(tmp_path, world, tp=tp, pp=pp, zero=zero, micro=micro, accum=accum)
+    _compare(*got, micro, accum, world // (tp * pp))
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
 def test_recompute_pipeline_schedule_is_exact_too(tmp_path, recompute):
     """The two-pass schedule (no-grad features, then stock 1F1B) equals the reference."""
-    losses, state = _run(
-        tmp_path, 4, tp=1, pp=2, micro=2, accum=2, schedule="recompute", recompute=recompute
-    )
-    _compare(losses, state, 2, 2, 2)
+    got = _run(tmp_path, 4, tp=1, pp=2, micro=2, accum=2, schedule="recompute", recompute=recompute)
+    _compare(*got, 2, 2, 2)
 
 
 def test_streamed_loss_in_a_pipeline_is_exact(tmp_path):
     """loss_mode=stream (owner blocks broadcast in turn) under PP=2 x DP=2."""
-    losses, state = _run(tmp_path, 4, tp=1, pp=2, micro=2, accum=2, loss_mode="stream")
-    _compare(losses, state, 2, 2, 2)
+    got = _run(tmp_path, 4, tp=1, pp=2, micro=2, accum=2, loss_mode="stream")
+    _compare(*got, 2, 2, 2)
 
 
 def test_grad_accumulation_equals_big_batch(tmp_path):
     """4 micro-batches of 2 on one process == the single-process batch of 8."""
-    losses, state = _run(tmp_path, 1, tp=1, pp=1, micro=2, accum=4)
-    _compare(losses, state, 2, 4, 1)
+    got = _run(tmp_path, 1, tp=1, pp=1, micro=2, accum=4)
+    _compare(*got, 2, 4, 1)
 
 
 @pytest.mark.parametrize(
     "world, tp, pp, zero", [(2, 1, 2, 1), (2, 1, 1, 2)], ids=["pp2-bf16", "dp2-zero2-bf16"]
 )
 def test_bf16_trains_close_to_fp32_reference(tmp_path, world, tp, pp, zero):
+    """bf16 follows the fp32 reference: every step's loss and every tensor's gradient.
+
+    Measured (2026-12-01): losses within 1.3%, per-tensor gradient error up to 15% of the
+    tensor's norm (ZeRO-2 reduces bf16 gradients). A dropped gradient (100%) or a 1.5x one (50%)
+    fails; so does a model that stops learning (the reference loss falls 35% in 3 steps).
+    """
     micro, accum = (2, 2) if pp > 1 else (4, 1)
-    losses, _ = _run(
+    losses, _, exp_avg = _run(
         tmp_path, world, tp=tp, pp=pp, zero=zero, micro=micro, accum=accum, precision="bf16"
     )
-    ref_losses, _ = reference_run(MODEL, micro * accum * world // (tp * pp), STEPS, SEED)
-    for got, want in zip(losses, ref_losses):
-        assert abs(got - want) <= 0.03 * abs(want), (losses, ref_losses)
+    ref = reference_run(MODEL, micro * accum * world // (tp * pp), STEPS, SEED)
+    assert ref.losses[0] - ref.losses[-1] > 0.2 * ref.losses[0]  # the steps do learn
+    for got, want in zip(losses, ref.losses, strict=True):
+        assert abs(got - want) <= 0.02 * abs(want), (losses, ref.losses)
+    _compare_moments(exp_avg, ref.exp_avg, rtol=0.25)
 
 
 @pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
 def test_zero3_with_activation_checkpointing_is_exact(tmp_path, accum):
     """ZeRO-3 + recomputation (DeepSpeed's fetch trace) over several steps equals the reference."""
-    losses, state = _run(tmp_path, 2, tp=1, pp=1, zero=3, micro=2, accum=accum, recompute=True)
-    _compare(losses, state, 2, accum, 2)
+    got = _run(tmp_path, 2, tp=1, pp=1, zero=3, micro=2, accum=accum, recompute=True)
+    _compare(*got, 2, accum, 2)
 
 
 SIGLIP_LAYOUTS = [("dp2", 2, 1, 1, 4, 1), ("pp2", 2, 1, 2, 2, 2), ("tp2xpp2", 4, 2, 2, 2, 2)]
@@ -118,9 +144,9 @@ SIGLIP_LAYOUTS = [("dp2", 2, 1, 1, 4, 1), ("pp2", 2, 1, 2, 2, 2), ("tp2xpp2", 4,
 )
 def test_siglip_layout_equals_single_process(tmp_path, world, tp, pp, micro, accum):
     """train.loss: siglip (logit_bias travels with logit_scale) equals the reference."""
-    losses, state = _run(tmp_path, world, tp=tp, pp=pp, micro=micro, accum=accum, loss="siglip")
-    assert "logit_bias" in state
-    _compare(losses, state, micro, accum, world // (tp * pp), loss="siglip")
+    got = _run(tmp_path, world, tp=tp, pp=pp, micro=micro, accum=accum, loss="siglip")
+    assert "logit_bias" in got[1]
+    _compare(*got, micro, accum, world // (tp * pp), loss="siglip")
 
 
 @pytest.mark.parametrize("world, pp", [(1, 1), (2, 2)], ids=["pp1", "pp2"])
@@ -132,7 +158,7 @@ def test_recompute_schedule_replays_patch_dropout(tmp_path, world, pp):
         out = tmp_path / schedule
         out.mkdir()
         runs[schedule] = _run(out, world, schedule=schedule, **common)
-    (lk, sk), (lr, sr) = runs["keep"], runs["recompute"]
+    (lk, sk, _), (lr, sr, _) = runs["keep"], runs["recompute"]
     assert lk == pytest.approx(lr, rel=1e-6, abs=1e-6)
     for key, want in sk.items():
         assert (sr[key] - want).abs().max() <= 1e-6, key

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from megaclip.eval.zeroshot import build_classifier, read_classnames, read_templ
 from megaclip.model.clip import ClipModel
 from megaclip.model.init import init_parameters
 from megaclip.tokenizer import build_tokenizer
-from tests.mp_util import REPO
+from tests.mp_util import megaclip_cli, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +53,7 @@ def test_zeroshot_cli_json_matches_library(demo):
         "cpu",
         "--json",
     ]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "megaclip", *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    proc = megaclip_cli(*args, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["task"] == "zeroshot" and out["source"] == "webdataset"

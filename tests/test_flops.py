@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megaclip.config.model import load_preset
 from megaclip.model.clip import ClipModel
-from megaclip.model.flops import model_cost, vision_embed_macs
+from megaclip.model.flops import model_cost, train_flops, vision_embed_macs
 from megaclip.model.init import init_parameters
 
 # open_clip's published model table: params (M) and forward GMACs per sample (224px, 77 tokens).
@@ -59,3 +59,19 @@ def test_flops_match_flop_counter_on_tiny_model():
     # Training = 6 x MACs, except that no gradient is computed for the input pixels.
     skipped_input_grad = 2 * batch * vision_embed_macs(cfg.vision)
     assert step.get_total_flops() == batch * cost.train_flops - skipped_input_grad
+
+
+@pytest.mark.parametrize("prob", [0.0, 0.5, 0.75])
+def test_train_flops_count_the_tokens_patch_dropout_keeps(prob):
+    """MFU's FLOPs with FLIP dropout: the forward FLOP counter sees train_flops / 3 per sample."""
+    cfg = load_preset("tiny")
+    model = ClipModel(cfg, patch_dropout=prob)
+    init_parameters(model, cfg, seed=0)
+    model.train()
+    batch = 2
+    images = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size)
+    tokens = torch.randint(0, cfg.text.vocab_size, (batch, cfg.text.context_length))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
+        model(images, tokens)
+    assert 3 * fwd.get_total_flops() == batch * train_flops(cfg, prob)
+    assert (train_flops(cfg, prob) < model_cost(cfg).train_flops) == (prob > 0)

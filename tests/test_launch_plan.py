@@ -1,4 +1,5 @@
-"""megaclip.launch.plan: hostfiles, nodelists, rank layout, dp derivation and launch commands."""
+"""megaclip.launch.plan (+ its command line, megaclip.cli.launch): hostfiles, nodelists, rank
+layout, dp derivation and launch commands."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from megaclip.cli.launch import main
 from megaclip.errors import ConfigError
 from megaclip.launch.plan import (
     Entry,
@@ -18,7 +20,6 @@ from megaclip.launch.plan import (
     expand_nodelist,
     format_plan,
     format_ranks,
-    main,
     parse_hostfile,
     parse_tasks_per_node,
     rank_blocks,

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.mp_util import REPO, torchrun
+from tests.mp_util import megaclip_cli, torchrun
 
 pytestmark = pytest.mark.multiproc
 
@@ -31,24 +29,16 @@ def test_nan_step_is_skipped(tmp_path, spec):
 
 
 def test_divergence_stops_with_a_clear_message(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megaclip",
-            "train",
-            "data.kind=synthetic",
-            "model=tiny",
-            "optim.lr=1e30",
-            "train.max_bad_steps=2",
-            "train.steps=20",
-            "train.log_every=100",
-            f"train.out_dir={tmp_path}",
-            "train.tensorboard=false",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    out = megaclip_cli(
+        "train",
+        "data.kind=synthetic",
+        "model=tiny",
+        "optim.lr=1e30",
+        "train.max_bad_steps=2",
+        "train.steps=20",
+        "train.log_every=100",
+        f"train.out_dir={tmp_path}",
+        "train.tensorboard=false",
         timeout=200,
     )
     assert out.returncode == 2, out.stderr[-3000:]

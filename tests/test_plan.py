@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -24,7 +23,7 @@ from megaclip.perf.planner import (
     plan,
 )
 from megaclip.perf.timing import Cluster
-from tests.mp_util import REPO
+from tests.mp_util import megaclip_cli
 
 
 def test_parse_batch():
@@ -127,12 +126,7 @@ def test_launch_command():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megaclip", "plan", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    return megaclip_cli("plan", *args)
 
 
 def test_cli_table_and_out_dir(tmp_path):

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.data_util import write_shards
-from tests.mp_util import REPO
+from tests.mp_util import REPO, subprocess_env
+from tests.tripwire import stop_before_process_groups
 
 TINY = [
     "data.kind=synthetic",
@@ -41,14 +42,7 @@ class Result:
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-        WORLD_SIZE="1",
-    )
-    return env
+    return subprocess_env(WORLD_SIZE="1")
 
 
 def command(*args: str) -> list[str]:
@@ -194,21 +188,12 @@ def test_read_only_output_dir_fails_before_process_groups(cases):
 # In-process variants (same CLI entry point, no subprocess): init_distributed is a tripwire.
 
 
-class ReachedProcessGroups(Exception):
-    """The pre-checks passed."""
-
-
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """Call `megaclip train ARGS` in this process; returns (exit code, stderr)."""
-    import megaclip.train.loop as loop
     from megaclip.cli.main import main
 
-    def tripwire(*_a, **_k):
-        raise ReachedProcessGroups
-
-    monkeypatch.setattr(loop, "init_distributed", tripwire)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    stop_before_process_groups(monkeypatch)
 
     def call(*args: str) -> tuple[int, str]:
         rc = main(["train", *TINY, *args])

@@ -15,7 +15,7 @@ import json
 import math
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import megaclip.train.loop as loop
@@ -30,6 +30,7 @@ from megaclip.config.train import (
     run_config_from_dict,
 )
 from megaclip.errors import ConfigError, MegaclipError
+from tests.tripwire import ReachedProcessGroups, stop_before_process_groups
 
 SETTINGS = settings(
     max_examples=60,
@@ -38,19 +39,10 @@ SETTINGS = settings(
 )
 
 
-class ReachedProcessGroups(Exception):
-    """The pre-checks passed: run_training went on to create process groups."""
-
-
 @pytest.fixture
 def tripwire(monkeypatch, tmp_path):
     """run_training stops where process groups would be created; WORLD_SIZE=1; cwd=tmp."""
-
-    def init_distributed(*_a, **_k):
-        raise ReachedProcessGroups
-
-    monkeypatch.setattr(loop, "init_distributed", init_distributed)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    stop_before_process_groups(monkeypatch)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -146,16 +138,8 @@ def test_the_base_config_passes(tripwire):
 
 @SETTINGS
 @given(path=st.sampled_from(PATHS), value=values)
-@example(path=("parallel", "micro_batch_size"), value=0)
-@example(path=("model", "vision", "heads"), value=0)
-@example(path=("model", "text", "heads"), value=-4)
-@example(path=("optim", "lr"), value=float("nan"))
-@example(path=("train", "dist_timeout_s"), value=-1)
-@example(path=("train", "out_dir"), value="a\x00b")
-@example(path=("data", "max_skip_fraction"), value=float("inf"))
-@example(path=("data",), value=[1, 2])
 def test_any_single_field_value_passes_or_raises_megaclip_error(tripwire, path, value):
-    precheck(set_path(base(), path, value))
+    precheck(set_path(base(), path, value))  # either outcome; anything else raises
 
 
 @SETTINGS
@@ -200,33 +184,49 @@ def type_of(section: str) -> type:
     }[section]
 
 
+MALFORMED = [
+    "model: tiny\nparallel: {dp: 1\n",
+    "model: [tiny\n",
+    "parallel:\n  dp: 1\n   tp: 2\n",
+    "- a\n- b\n",
+    "model: tiny\ntrain: 3\n",
+    "\t model: tiny",
+    "%YAML 9.9\n---\nmodel: tiny\n",
+    "!!python/object:os.system {}",
+    "a: &x {b: *x}",
+]
+# YAML flow mappings: valid YAML (so they may pass as .yaml), not valid JSON
+FLOW = ["{'model': 'tiny'}", '{"model": "tiny", "parallel": {"dp": 1},}']
+
+
 @SETTINGS
 @given(
     text=st.one_of(
         st.text(max_size=200),
         st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
-        st.sampled_from(
-            [
-                "model: tiny\nparallel: {dp: 1\n",
-                "model: [tiny\n",
-                "parallel:\n  dp: 1\n   tp: 2\n",
-                "- a\n- b\n",
-                "model: tiny\ntrain: 3\n",
-                "{'model': 'tiny'}",
-                '{"model": "tiny", "parallel": {"dp": 1},}',
-                "\t model: tiny",
-                "%YAML 9.9\n---\nmodel: tiny\n",
-                "!!python/object:os.system {}",
-                "a: &x {b: *x}",
-            ]
-        ),
+        st.sampled_from(MALFORMED + FLOW),
     ),
     suffix=st.sampled_from([".yaml", ".json", ".yml", ""]),
 )
+def test_random_config_text_passes_or_raises_megaclip_error(tripwire, text, suffix):
+    path = tripwire / f"cfg{suffix}"
+    path.write_text(text, encoding="utf-8")
+    precheck(path=path, overrides=["parallel.dp=1", "data.kind=synthetic"])  # either outcome
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json", ""])
+@pytest.mark.parametrize("text", MALFORMED, ids=repr)
 def test_malformed_config_text_raises_megaclip_error(tripwire, text, suffix):
     path = tripwire / f"cfg{suffix}"
     path.write_text(text, encoding="utf-8")
-    precheck(path=path, overrides=["parallel.dp=1", "data.kind=synthetic"])
+    assert precheck(path=path, overrides=["parallel.dp=1", "data.kind=synthetic"]) == "error"
+
+
+@pytest.mark.parametrize("text", FLOW, ids=repr)
+def test_yaml_flow_mapping_is_not_json(tripwire, text):
+    path = tripwire / "cfg.json"
+    path.write_text(text, encoding="utf-8")
+    assert precheck(path=path, overrides=["parallel.dp=1", "data.kind=synthetic"]) == "error"
 
 
 @SETTINGS
@@ -274,15 +274,27 @@ ds_values = st.one_of(
 
 @SETTINGS
 @given(ds=st.dictionaries(st.sampled_from(DS_KEYS), ds_values, max_size=5))
-@example(ds={"bf16": 5})
-@example(ds={"zero_optimization": 3})
-@example(ds={"bf16": {"enabled": True}, "fp16": {"enabled": True}})
-@example(ds={"train_batch_size": 7})
-@example(ds={"zero_optimization": {"stage": "two"}})
 def test_deepspeed_json_with_random_fields_passes_or_raises_megaclip_error(tripwire, ds):
     path = tripwire / "ds.json"
     path.write_text(json.dumps(ds), encoding="utf-8")
-    precheck(base(), ds=str(path))
+    precheck(base(), ds=str(path))  # either outcome; anything else raises
+
+
+@pytest.mark.parametrize(
+    "ds",
+    [
+        {"bf16": 5},
+        {"zero_optimization": 3},
+        {"bf16": {"enabled": True}, "fp16": {"enabled": True}},
+        {"train_batch_size": 7},
+        {"zero_optimization": {"stage": "two"}},
+    ],
+    ids=json.dumps,
+)
+def test_known_bad_deepspeed_json_raises_megaclip_error(tripwire, ds):
+    path = tripwire / "ds.json"
+    path.write_text(json.dumps(ds), encoding="utf-8")
+    assert precheck(base(), ds=str(path)) == "error"
 
 
 @SETTINGS
@@ -353,8 +365,16 @@ def test_nan_and_inf_are_rejected_in_every_float_field(tripwire, path):
         (("parallel", "zero_stage"), 4),
         (("model", "vision", "heads"), 0),
         (("model", "text", "width"), -8),
+        # what the property tests once found
+        (("parallel", "micro_batch_size"), 0),
+        (("model", "text", "heads"), -4),
+        (("optim", "lr"), float("nan")),
+        (("train", "dist_timeout_s"), -1),
+        (("train", "out_dir"), "a\x00b"),
+        (("data", "max_skip_fraction"), float("inf")),
+        (("data",), [1, 2]),
     ],
-    ids=lambda v: ".".join(v) if isinstance(v, tuple) else str(v),
+    ids=lambda v: ".".join(v) if isinstance(v, tuple) else repr(v),
 )
 def test_values_that_would_fail_after_start_up_are_rejected_up_front(tripwire, path, value):
     assert precheck(set_path(base(), path, value)) == "error"
@@ -367,25 +387,25 @@ def test_values_that_would_fail_after_start_up_are_rejected_up_front(tripwire, p
 def test_non_utf8_config_file_raises_megaclip_error(tripwire):
     path = tripwire / "cfg.yaml"
     path.write_bytes(b"model: tiny\ncomment: caf\xe9\n")
-    precheck(path=path, overrides=["parallel.dp=1", "data.kind=synthetic"])
+    assert precheck(path=path, overrides=["parallel.dp=1", "data.kind=synthetic"]) == "error"
 
 
 def test_recursive_yaml_alias_raises_megaclip_error(tripwire):
     path = tripwire / "cfg.yaml"
     path.write_text("model: tiny\nx: &a [*a]\n", encoding="utf-8")
-    precheck(path=path, overrides=["parallel.dp=1"])
+    assert precheck(path=path, overrides=["parallel.dp=1"]) == "error"
 
 
 def test_overlong_model_name_raises_megaclip_error(tripwire):
-    precheck(set_path(base(), ("model",), "x" * 300))
+    assert precheck(set_path(base(), ("model",), "x" * 300)) == "error"
 
 
 def test_overlong_deepspeed_path_raises_megaclip_error(tripwire):
-    precheck(set_path(base(), ("deepspeed",), "x" * 300 + ".json"))
+    assert precheck(set_path(base(), ("deepspeed",), "x" * 300 + ".json")) == "error"
 
 
 @pytest.mark.parametrize("value", ["2024-01-01", "!!set {a, b}", "!!binary aGk="])
 def test_yaml_values_that_are_not_json_types_raise_megaclip_error(tripwire, value):
     path = tripwire / "cfg.yaml"
     path.write_text(f"model: tiny\ntrain: {{seed: {value}}}\n", encoding="utf-8")
-    precheck(path=path, overrides=["parallel.dp=1"])
+    assert precheck(path=path, overrides=["parallel.dp=1"]) == "error"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 from PIL import Image
 
 from megaclip.train.faults import LOST_RANK_EXIT_CODE
-from tests.mp_util import REPO
+from tests.mp_util import megaclip_cli, subprocess_env
 from tests.workers.rel_launch import launch_ranks
 
 COMMON = [
@@ -51,17 +49,10 @@ def write_shard(path: Path, first: int, n: int, bad: set[int], no_caption: set[i
                 _member(tf, key + ".txt", f"a photo of colour {i % 10}".encode())
 
 
-def train(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """One-process `megaclip train` with the COMMON settings and ``args``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    return subprocess.run(
-        [sys.executable, "-m", "megaclip", "train", *COMMON, "parallel.dp=1", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def train(run: Path, spec: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """One-process `megaclip train` of the shards ``spec`` into ``run``: COMMON, then ``args``."""
+    settings = [*COMMON, "parallel.dp=1", f"data.train={spec}", f"train.out_dir={run}", *args]
+    return megaclip_cli("train", *settings, env=subprocess_env(), timeout=timeout)
 
 
 def records(run: Path) -> list[dict]:
@@ -74,12 +65,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     missing second shard is skipped with a warning."""
     write_shard(tmp_path / "e-000000.tar", 0, 32, bad={0, 4, 8, 12, 16, 20}, no_caption={24, 28})
     run = tmp_path / "run"
-    out = train(
-        f"data.train={tmp_path}/e-{{000000..000001}}.tar",
-        "data.mode=epoch",
-        "train.steps=6",
-        f"train.out_dir={run}",
-    )
+    out = train(run, f"{tmp_path}/e-{{000000..000001}}.tar", "data.mode=epoch", "train.steps=6")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "1 of 2 shards of spec" in out.stderr and "e-000001.tar" in out.stderr
     rows = records(run)
@@ -97,12 +83,8 @@ def test_max_skip_fraction_stops_the_run_with_one_clear_line(tmp_path):
     write_shard(tmp_path / "f-000000.tar", 0, 64, bad=set(range(0, 64, 4)))
     write_shard(tmp_path / "f-000001.tar", 64, 64, bad=set(range(64, 128, 4)))
     run = tmp_path / "run"
-    out = train(
-        f"data.train={tmp_path}/f-{{000000..000001}}.tar",
-        "data.max_skip_fraction=0.1",
-        "train.steps=40",
-        f"train.out_dir={run}",
-    )
+    spec = f"{tmp_path}/f-{{000000..000001}}.tar"
+    out = train(run, spec, "data.max_skip_fraction=0.1", "train.steps=40")
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     line = [x for x in out.stderr.splitlines() if x.startswith("megaclip train: error:")]

@@ -17,24 +17,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megaclip.data.webdataset import SkipStats
+from megaclip.bench.launch import torchrun_cmd
+from megaclip.data.stats import SkipStats, SkipTally
+from megaclip.data.stream import batch_fingerprint
 from megaclip.errors import ConfigError
+from megaclip.train.ds_config import check_deepspeed_sections
+from megaclip.train.fault_injection import KILLED_EXIT_CODE, FaultPlan, fault_plan_from_env
 from megaclip.train.faults import (
-    KILLED_EXIT_CODE,
     LOST_RANK_EXIT_CODE,
-    FaultPlan,
     Peer,
-    SkipTally,
     TrainingGuard,
-    batch_fingerprint,
-    check_deepspeed_sections,
-    check_output_dir,
-    fault_plan_from_env,
     is_peer_failure,
     lost_contact_message,
     lost_ranks,
 )
-from tests.mp_util import REPO, free_port, torchrun
+from megaclip.train.host import children_of
+from megaclip.train.host import pid_alive as alive
+from megaclip.train.preflight import check_output_dir
+from tests.mp_util import REPO, subprocess_env, torchrun
 from tests.workers.rel_launch import launch_ranks
 
 # ----------------------------------------------------------------------------- units
@@ -260,23 +260,12 @@ def test_ranks_die_with_a_sigkilled_torchrun(tmp_path):
     """torchrun puts each rank in its own session; SIGKILL of torchrun alone must not leave them
     training on (they would write into the checkpoints of the restarted job)."""
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "megaclip",
-            "train",
-            *COMMON,
-            "train.steps=100000",
-            f"train.out_dir={run}",
-        ],
+        torchrun_cmd(
+            2, ["-m", "megaclip", "train", *COMMON, "train.steps=100000", f"train.out_dir={run}"]
+        ),
         cwd=REPO,
-        env=env,
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -298,25 +287,3 @@ def test_ranks_die_with_a_sigkilled_torchrun(tmp_path):
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert not survivors, "ranks outlived their SIGKILLed launcher"
-
-
-def children_of(pid: int) -> list[int]:
-    """Pids of the direct children of ``pid`` (from /proc)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except (OSError, IndexError):
-        return False

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.mp_util import REPO
+from tests.mp_util import megaclip_cli
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megaclip", "scaling", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    return megaclip_cli("scaling", *args)
 
 
 def assert_user_error(out: subprocess.CompletedProcess, match: str) -> None:

@@ -9,12 +9,12 @@ import pytest
 
 from megaclip.errors import ConfigError, DataError
 from megaclip.scaling import (
-    DEVICES,
     Cost,
     ScalingPoint,
     fit_curve,
     fit_law,
     fit_scaling,
+    get_device,
     leave_largest_out,
     load_results,
     pareto_frontier,
@@ -176,7 +176,7 @@ def test_predict_and_cost(shipped_fit):
     assert predict(shipped_fit, "ViT-L-14", 13e9, dataset="LAION-400M").value == pytest.approx(
         100 - g400.compute_fit.error_at(525.98e9 * 13e9), abs=1e-3
     )
-    cost = Cost(pr.compute, DEVICES["a100"], 0.5)
+    cost = Cost(pr.compute, get_device("a100"), 0.5)
     assert cost.gpu_hours == pytest.approx(pr.compute / (312e12 * 0.5) / 3600)
     # Dataset selection: exact size, larger size -> lower-bound note, smaller -> error.
     assert predict(shipped_fit, "ViT-B-32", 3e9, dataset_size=8e7).group == "LAION-80M"

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.mp_util import REPO, torchrun
+from tests.mp_util import megaclip_cli, torchrun
 
 
 def train_cli(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megaclip", "train", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    return megaclip_cli("train", *args, env=env, timeout=120)
 
 
 SYNTH = ["data.kind=synthetic", "model=tiny", "parallel.dp=1", "deepspeed=null"]

@@ -1,7 +1,8 @@
 """Measured performance: throughput/MFU runs, a collective-counting shim, memory accounting.
 
-The analytic side (what a layout *should* cost) lives in :mod:`megaclip.bench.analytic`;
-everything else here measures a real run and compares with it. See docs/benchmarks.md.
+This package only measures. What a layout *should* cost (communication volume, model-state
+memory, throughput formulas, device peaks) comes from :mod:`megaclip.perf`; bench runs a real
+engine and compares with it. See docs/benchmarks.md.
 """
 
 from __future__ import annotations

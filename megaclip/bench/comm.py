@@ -11,11 +11,8 @@ backend's captured functions).
 
 Per record: the payload (the logical tensor: the full tensor of an all-reduce or broadcast, the
 gathered output of an all-gather, the input of a reduce-scatter, the tensor of a send/recv) and
-the bytes this rank *sends* with a ring algorithm over n ranks:
-
-    all_reduce      2 (n-1)/n * payload         all_gather / reduce_scatter   (n-1)/n * payload
-    broadcast/reduce  (n-1)/n * payload         send / isend                  payload
-    recv / irecv      0 (counted on the sender)  barrier                       0
+the bytes this rank *sends* with a ring algorithm over n ranks
+(:func:`megaclip.perf.comm.sent_bytes`; recv and barrier send 0).
 
 The time is the wall time spent inside the call (for ``async_op=True`` only the issue time).
 """
@@ -34,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+
+from megaclip.perf.comm import sent_bytes
 
 #: Collectives wrapped by the shim: name -> kind ("ring-ar", "ring-ag", "ring-rs", "bcast",
 #: "send", "recv", "batch", "barrier").
@@ -80,21 +79,6 @@ class CommRecord:
     def group_size(self) -> int:
         """Number of ranks taking part (2 for send/recv)."""
         return len(self.ranks)
-
-
-def sent_bytes(op: str, payload: float, n: int) -> float:
-    """Bytes one rank sends for ``op`` on ``payload`` bytes over ``n`` ranks (ring algorithms)."""
-    if n <= 1 or op in ("recv", "barrier"):
-        return 0.0
-    if op == "all_reduce":
-        return 2.0 * (n - 1) / n * payload
-    if op in ("all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce"):
-        return (n - 1) / n * payload
-    if op in ("gather", "scatter"):
-        return payload / n
-    if op == "send":
-        return float(payload)
-    raise ValueError(f"unknown collective kind {op!r}")
 
 
 def _nbytes(t: object) -> int:

@@ -1,19 +1,24 @@
-"""Measured-vs-analytic comparison tables (pure functions over the workers' JSON results)."""
+"""Measured-vs-analytic comparison tables (pure functions over the workers' JSON results).
+
+The analytic side comes from :mod:`megaclip.perf` (comm_volume, rank_model_states).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megaclip.bench.analytic import Volume, rank_params, rank_state_memory, stage_of
 from megaclip.bench.harness import BenchSpec
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
+from megaclip.perf.comm import Volume
+from megaclip.perf.memory import default_stages, ds_buckets, rank_model_states, stage_params
 
 MODELLED = ("tp", "dp", "pp", "loss")
 
@@ -108,23 +113,30 @@ def summarize_comm(rows: Sequence[CommRow]) -> CommSummary:
     return CommSummary(mp, ap, ms, asent, up, tuple(unmod))
 
 
-def rank_volume(cfg: ClipConfig, par: ParallelConfig, pp_rank: int) -> list[Volume]:
-    """Analytic volumes of one rank of stage ``pp_rank`` (see :mod:`megaclip.bench.analytic`)."""
-    from megaclip.bench.analytic import comm_volume
+def memory_row(
+    cfg: ClipConfig, par: ParallelConfig, result: dict[str, Any], ds: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Counted vs predicted model-state bytes of one rank's memory-worker result.
 
-    return comm_volume(cfg, par, pp_rank)
-
-
-def memory_row(cfg: ClipConfig, par: ParallelConfig, result: dict[str, Any]) -> dict[str, Any]:
-    """Measured (counted) vs analytic model-state bytes of one rank's memory-worker result."""
-    analytic = rank_state_memory(cfg, par, result["pp"]).as_dict()
+    The prediction is :func:`megaclip.perf.memory.rank_model_states` with the bucket settings of
+    the run's resolved DeepSpeed config ``ds`` (None: the planner's); ``buffers`` is its persistent
+    buffer term (ZeRO-3's gradient bucket), to compare with the count's "other".
+    """
+    states = rank_model_states(cfg, par, result["pp"], **ds_buckets(ds))
+    analytic = {
+        "params": states.params,
+        "grads": states.grads,
+        "optimizer": states.optimizer,
+        "total": states.model_states,
+    }
     counted = result["counted"]
     row: dict[str, Any] = {
         "rank": result["rank"],
         "pp": result["pp"],
-        "n_analytic": rank_params(cfg, par.tp, stage_of(cfg, par, result["pp"])),
+        "n_analytic": stage_params(cfg, par.tp, default_stages(cfg, par.pp)[result["pp"]]),
         "n_measured": result["params_local"],
         "other": counted["other"],
+        "buffers": states.buffers,
     }
     for key in ("params", "grads", "optimizer", "total"):
         row[key] = counted[key]
@@ -137,13 +149,13 @@ def memory_row(cfg: ClipConfig, par: ParallelConfig, result: dict[str, Any]) -> 
 
 
 def run_workers(kind: str, spec: BenchSpec, nproc: int, timeout: float = 600.0) -> list[dict]:
-    """Spawn ``nproc`` ranks of :mod:`megaclip.bench.workers` and return their JSON results."""
+    """Spawn ``nproc`` ranks of :mod:`megaclip.cli.bench_worker`; return their JSON results."""
     from megaclip.bench.launch import spawn
 
     with tempfile.TemporaryDirectory(prefix=f"megaclip-{kind}-") as tmp:
         proc = spawn(
             nproc,
-            ["-m", "megaclip.bench.workers", kind, tmp, spec.to_json()],
+            ["-m", "megaclip.cli.bench_worker", kind, tmp, spec.to_json()],
             capture=True,
             timeout=timeout,
         )
@@ -156,6 +168,36 @@ def run_workers(kind: str, spec: BenchSpec, nproc: int, timeout: float = 600.0) 
     if len(results) != nproc:
         raise RuntimeError(f"{kind} worker: expected {nproc} results, got {len(results)}")
     return sorted(results, key=lambda r: r["rank"])
+
+
+#: A benchmark layout row: (tp, pp, dp, zero, micro, accum, ds_overrides).
+LayoutRow = tuple[int, int, int, int, int, int, dict[str, Any]]
+
+
+def layout_spec(row: LayoutRow, **fields: Any) -> BenchSpec:
+    """The BenchSpec of a layout row, other fields (model, precision, steps, ...) given."""
+    tp, pp, dp, zero, micro, accum, ds = row
+    return BenchSpec(
+        tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, accum=accum, ds_overrides=ds, **fields
+    )
+
+
+def report_all(
+    names: Iterable[str],
+    measure: Callable[[str], dict],
+    show: Callable[[dict], None],
+    json_path: str | None = None,
+) -> int:
+    """Measure and print each named case as it finishes; all results to ``json_path`` if set."""
+    out = []
+    for name in names:
+        res = measure(name.strip())
+        show(res)
+        sys.stdout.flush()
+        out.append(res)
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=1), encoding="utf-8")
+    return 0
 
 
 def fmt_bytes(x: float | None) -> str:

@@ -9,20 +9,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import resource
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from megaclip.config.model import ClipConfig, resolve_model
 from megaclip.config.parallel import ParallelConfig
+from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.data.synthetic import SyntheticConfig, synthetic_batches
 from megaclip.errors import ConfigError
+from megaclip.train.host import status_kib
+
+#: DeepSpeed override that makes ZeRO-3 gather every parameter (none stays resident).
+ZERO3_ALL_GATHERED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class BenchSpec:
     recompute: bool = False
     schedule: str = "auto"  # exact-loss schedule: "keep", "recompute" or "auto" (docs/loss.md)
     seed: int = 0
-    loss_chunk_size: int | None = 4096
+    loss_chunk_size: int | None = LOSS_CHUNK_SIZE
     ds_overrides: dict[str, Any] = field(default_factory=dict)
 
     def world_size(self, default_dp: int = 1) -> int:
@@ -77,10 +81,6 @@ class BenchSpec:
     def from_json(cls, text: str) -> BenchSpec:
         """The spec written by to_json."""
         return cls(**json.loads(text))
-
-    def with_(self, **changes: Any) -> BenchSpec:
-        """A copy with some fields changed."""
-        return replace(self, **changes)
 
 
 def synthetic_config(cfg: ClipConfig, micro_batch: int, seed: int) -> SyntheticConfig:
@@ -149,14 +149,12 @@ def build_engine(spec: BenchSpec, topo, cfg: ClipConfig | None = None):
 
 def current_rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; psutil elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):  # pragma: no cover - non-Linux
-        import psutil
+    kib = status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil  # pragma: no cover - non-Linux
 
-        return int(psutil.Process().memory_info().rss)
+    return int(psutil.Process().memory_info().rss)
 
 
 def max_rss_bytes() -> int:

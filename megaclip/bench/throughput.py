@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 
 from megaclip.bench.comm import CommCounter, seconds_by_class
-from megaclip.bench.formulas import analytic_bubble, hardware_flops_factor, median, throughput
 from megaclip.bench.harness import (
     BenchSpec,
     Timer,
@@ -49,11 +48,12 @@ from megaclip.bench.harness import (
     quiet_deepspeed,
     step_batches,
 )
-from megaclip.bench.peak import device_peak, probe_matmul
 from megaclip.config.model import resolve_model
 from megaclip.model.flops import model_cost
 from megaclip.parallel import collectives
 from megaclip.perf.memory import choose_schedule
+from megaclip.perf.throughput import analytic_bubble, hardware_flops_factor, median, throughput
+from megaclip.train.metrics import device_peak, probe_matmul
 
 
 def instrument(engine, counter: CommCounter | None) -> dict[str, Timer]:

@@ -1,21 +1,16 @@
 """Per-rank benchmark workers (run under torchrun): comm volume, model-state memory, step times.
 
-Each writes one JSON file per rank into an output directory; the scripts in benchmarks/ spawn
-them and compare the files with :mod:`megaclip.bench.analytic`. Usage (what the scripts run)::
-
-    torchrun --nproc_per_node N -m megaclip.bench.workers KIND OUT_DIR SPEC_JSON
-
-KIND is "comm", "memory" or "steps".
+Each returns one JSON-ready result per rank; the scripts in benchmarks/ spawn them through
+:func:`megaclip.bench.compare.run_workers` (entry point: :mod:`megaclip.cli.bench_worker`) and
+compare the files with :mod:`megaclip.perf`'s formulas.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -133,28 +128,3 @@ def steps_worker(spec: BenchSpec, counter: CommCounter) -> dict[str, Any]:
         "cpu_s_per_step": cpu,
         "pp_wait_s": by_class.get("pp", 0.0) / spec.steps,
     }
-
-
-def main(argv: list[str]) -> None:
-    """Entry point under torchrun: KIND OUT_DIR SPEC_JSON; writes OUT_DIR/rank<r>.json."""
-    from megaclip.parallel.runtime import clean_exit
-
-    kind, out_dir, spec_json = argv
-    spec = BenchSpec.from_json(spec_json)
-    quiet_deepspeed()
-    counter = CommCounter().install()  # before init_distributed (DeepSpeed captures functions)
-    if kind == "comm":
-        result = comm_worker(spec, counter)
-    elif kind == "memory":
-        result = memory_worker(spec)
-    elif kind == "steps":
-        result = steps_worker(spec, counter)
-    else:
-        raise SystemExit(f"unknown worker kind {kind!r}; valid: comm, memory, steps")
-    path = Path(out_dir) / f"rank{result['rank']}.json"
-    path.write_text(json.dumps(result), encoding="utf-8")
-    clean_exit(0)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -11,7 +11,7 @@ from typing import Any
 
 from megaclip.config.model import ClipConfig, model_from_dict
 from megaclip.config.parallel import ParallelConfig
-from megaclip.config.schema import from_dict, to_dict
+from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError, ConfigError
 
 META_FILE = "megaclip_meta.json"
@@ -40,14 +40,6 @@ class CheckpointMeta:
             return model_from_dict(dict(self.model), where=f"{META_FILE} model")
         except ConfigError as err:
             raise CheckpointError(f"{META_FILE} holds an invalid model config: {err}") from None
-
-    @property
-    def parallel_config(self) -> ParallelConfig:
-        """The saved parallel layout."""
-        try:
-            return from_dict(ParallelConfig, dict(self.parallel), where=f"{META_FILE} parallel")
-        except ConfigError as err:
-            raise CheckpointError(f"{META_FILE} holds an invalid parallel config: {err}") from None
 
     def to_json(self) -> str:
         """Pretty JSON text of this record."""

@@ -5,6 +5,8 @@ step counters) plus, per rank, the RNG states and the caller's ``client_state``,
 ``ckpt_root/tmp-step-N``; then rank 0 writes ``megaclip_meta.json`` (model, layout, step, the
 size of every file), fsyncs, renames the directory to ``step-N``, replaces ``latest`` and
 rotates old checkpoints. Every rank calls both functions (they contain collectives).
+:func:`check_checkpoint_inputs` checks, before any process group exists, the checkpoint a run
+would resume from or start from (``train.init_from``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from megaclip.checkpoint.meta import (
     read_meta,
     verify_files,
 )
-from megaclip.checkpoint.reader import load_file, rank_state_file
+from megaclip.checkpoint.reader import load_file, rank_state_file, resolve_checkpoint_dir
+from megaclip.config.train import RunConfig
 from megaclip.errors import CheckpointError
 from megaclip.parallel import collectives
 from megaclip.parallel.runtime import rng_state, set_rng_state
@@ -273,3 +276,38 @@ def _load_resharded(clip_engine, ckpt_dir: Path) -> dict[str, Any]:
             "and resume from DIR"
         ) from None
     return load_universal(clip_engine, target)
+
+
+def check_checkpoint_inputs(cfg: RunConfig) -> None:
+    """CheckpointError, before start-up, for the checkpoint the run would load.
+
+    That is ``OUT/checkpoints/latest`` when resuming, else ``train.init_from`` (a megaclip
+    checkpoint directory or root: its meta record, architecture and file sizes; other forms:
+    existence). The loaders check again; this only moves the error before the process groups.
+    """
+    from megaclip.checkpoint.universal import UNIVERSAL_META
+
+    def check_dir(path: Path) -> None:
+        if (path / UNIVERSAL_META).is_file() or not (path / META_FILE).is_file():
+            return  # universal layout / open_clip: checked by its loader
+        meta = read_meta(path)
+        check_same_model(meta.model, cfg.model, str(path), new_logit_bias=cfg.train.new_logit_bias)
+        verify_files(path, meta)
+
+    t = cfg.train
+    root = Path(t.out_dir) / "checkpoints"
+    tag = read_latest(root) if t.resume and root.is_dir() else None
+    if tag is not None:
+        if not (root / tag).is_dir():
+            raise CheckpointError(
+                f"{root}/latest names '{tag}' but {root / tag} does not exist: restore it, or "
+                f"point {root}/latest at an older step-N directory"
+            )
+        check_dir(root / tag)
+        return
+    if t.init_from:
+        path = Path(t.init_from)
+        if not path.exists():
+            raise CheckpointError(f"train.init_from {path} does not exist")
+        if path.is_dir() and not (path / UNIVERSAL_META).is_file():
+            check_dir(resolve_checkpoint_dir(path))

@@ -15,17 +15,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megaclip.cli.common import add_documented
+
 TARGETS = ("open_clip", "megaclip", "universal", "hf")
 FILE_SUFFIXES = (".pt", ".safetensors")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``convert`` sub-command."""
-    p = sub.add_parser(
+    p = add_documented(
+        sub,
         "convert",
         help="convert checkpoints (megaclip <-> open_clip / HF, any layout -> universal)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        doc=__doc__,
     )
     p.add_argument(
         "src", help="checkpoint root / step dir / universal dir, an open_clip file or an HF dir"

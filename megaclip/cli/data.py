@@ -6,17 +6,20 @@ import argparse
 import json
 import os
 
+from megaclip.cli.common import add_group
 from megaclip.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `megaclip data {make-demo,inspect}`."""
-    parser = subparsers.add_parser(
+    sub = add_group(
+        subparsers,
         "data",
         help="build the demo dataset, inspect webdataset shards",
         description="Data utilities: build the digits demo dataset; inspect webdataset shards.",
+        dest="data_command",
+        metavar="ACTION",
     )
-    sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
 
     demo = sub.add_parser(
         "make-demo",
@@ -50,7 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--strict", action="store_true", help="exit with status 1 if anything was skipped"
     )
     inspect.set_defaults(func=_inspect)
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
 
 
 def _make_demo(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any
 
+from megaclip.cli.common import add_group
 from megaclip.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -18,14 +19,16 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `megaclip eval zeroshot` and `megaclip eval retrieval`."""
-    parser = subparsers.add_parser(
+    sub = add_group(
+        subparsers,
         "eval",
         help="zero-shot classification and image-text retrieval of a checkpoint",
         description="Evaluate a CLIP checkpoint: an open_clip state dict (.pt/.safetensors, with "
         "--model), a megaclip export {model_config, state_dict}, an open_clip or Hugging Face "
         "CLIPModel directory, or a megaclip checkpoint directory. See docs/eval.md.",
+        dest="eval_command",
+        metavar="TASK",
     )
-    sub = parser.add_subparsers(dest="eval_command", metavar="TASK")
 
     zs = sub.add_parser(
         "zeroshot",
@@ -83,7 +86,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cb.add_argument("--split", default="test", help="split name (test)")
     cb.add_argument("--label-ext", choices=("json", "cls"), default="json", help="(json)")
     cb.set_defaults(func=_to_benchmark)
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -203,21 +205,35 @@ def _zeroshot(args: argparse.Namespace) -> int:
         "classes": len(classnames),
         "templates": len(templates),
         **result,
+        **_run_stats(stats, t0, t1, t2),
+    }
+    lines = [
+        f"zero-shot {out['model']} on {args.data}: {out['n']} images, {out['classes']} "
+        f"classes x {out['templates']} templates",
+        f"  top-1 {_pct(out['top1'])}  top-5 {_pct(out['top5'])}",
+    ]
+    return _report(args, out, lines, stats)
+
+
+def _run_stats(stats, t0: float, t1: float, t2: float) -> dict:
+    """Skipped samples (``stats``: the loader's SkipStats or None) and load / eval seconds."""
+    return {
         "skipped": stats.skipped if stats is not None else 0,
         "load_seconds": round(t1 - t0, 3),
         "eval_seconds": round(t2 - t1, 3),
     }
+
+
+def _report(args: argparse.Namespace, out: dict, lines: list[str], stats) -> int:
+    """Print ``out`` as one JSON line (--json) or ``lines`` plus skips and timings."""
     if args.json:
         print(json.dumps(out))
-    else:
-        print(
-            f"zero-shot {out['model']} on {args.data}: {out['n']} images, {out['classes']} "
-            f"classes x {out['templates']} templates"
-        )
-        print(f"  top-1 {_pct(out['top1'])}  top-5 {_pct(out['top5'])}")
-        if out["skipped"]:
-            print(f"  skipped samples: {stats.summary()}")
-        print(f"  load {out['load_seconds']:.1f}s, eval {out['eval_seconds']:.1f}s")
+        return 0
+    for line in lines:
+        print(line)
+    if out["skipped"]:
+        print(f"  skipped samples: {stats.summary()}")
+    print(f"  load {out['load_seconds']:.1f}s, eval {out['eval_seconds']:.1f}s")
     return 0
 
 
@@ -258,24 +274,16 @@ def _retrieval(args: argparse.Namespace) -> int:
         "model": model.cfg.name,
         "data": args.data,
         **result,
-        "skipped": loader.skip_stats.skipped,
-        "load_seconds": round(t1 - t0, 3),
-        "eval_seconds": round(t2 - t1, 3),
+        **_run_stats(loader.skip_stats, t0, t1, t2),
     }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(
-            f"retrieval {out['model']} on {args.data}: {out['n_images']} images, "
-            f"{out['n_texts']} captions"
-        )
-        for direction in ("image_to_text", "text_to_image"):
-            cells = "  ".join(f"R@{k} {_pct(out[f'{direction}_R@{k}'])}" for k in ks)
-            print(f"  {direction.replace('_', ' '):<14} {cells}")
-        if out["skipped"]:
-            print(f"  skipped samples: {loader.skip_stats.summary()}")
-        print(f"  load {out['load_seconds']:.1f}s, eval {out['eval_seconds']:.1f}s")
-    return 0
+    lines = [
+        f"retrieval {out['model']} on {args.data}: {out['n_images']} images, "
+        f"{out['n_texts']} captions"
+    ]
+    for direction in ("image_to_text", "text_to_image"):
+        cells = "  ".join(f"R@{k} {_pct(out[f'{direction}_R@{k}'])}" for k in ks)
+        lines.append(f"  {direction.replace('_', ' '):<14} {cells}")
+    return _report(args, out, lines, loader.skip_stats)
 
 
 def _benchmark(args: argparse.Namespace, kind: str):

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from megaclip.cli.common import add_documented
 from megaclip.config.model import resolve_model
 from megaclip.errors import ConfigError
 from megaclip.model.flops import model_cost
@@ -41,11 +42,11 @@ from megaclip.perf.timing import Cluster
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_documented(
+        sub,
         "plan",
         help="choose TP/PP/DP/ZeRO/micro-batch for a model on N GPUs (analytic model)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        doc=__doc__,
     )
     p.add_argument("--model", help="preset name (e.g. ViT-G-14) or a model YAML/JSON file")
     p.add_argument("--gpus", type=int, help="total number of GPUs")

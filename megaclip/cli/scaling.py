@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from megaclip.errors import ConfigError, DataError
-from megaclip.scaling.devices import DEVICES, get_device
+from megaclip.perf.devices import ALIASES, get_device
 from megaclip.scaling.fit import (
     GROUP_BY,
     POINTS,
@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--samples", help="samples seen, e.g. 34e9 or 34B")
     pr.add_argument("--dataset", help="fitted dataset to predict on (name)")
     pr.add_argument("--dataset-size", help="dataset size in samples, e.g. 2e9 or 2B")
-    pr.add_argument("--device", default="h100", help=f"one of {', '.join(DEVICES)} (h100)")
+    pr.add_argument("--device", default="h100", help=f"one of {', '.join(ALIASES)} (h100)")
     pr.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (0.4)")
     pr.add_argument(
         "--fit-from", nargs="+", metavar="RESULTS", help="tables/run dirs to fit (shipped table)"
@@ -256,7 +256,7 @@ def run_predict(args: argparse.Namespace) -> int:
     target = _target(args)
     if target is None:
         raise ConfigError("give --model and --samples (e.g. --model ViT-G-14 --samples 34e9).")
-    device = get_device(args.device)
+    device = get_device(args.device, what="device")
     if not 0.0 < args.mfu <= 1.0:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}; e.g. 0.4 for 40%.")
     size = parse_count(args.dataset_size, "--dataset-size") if args.dataset_size else None
@@ -306,7 +306,7 @@ def run_predict(args: argparse.Namespace) -> int:
         f"({pr.flops_per_sample / 1e9:.1f} GFLOPs/sample x {format_count(pr.samples_seen)} samples)"
     )
     print(
-        f"  on {device.name} ({device.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 dense) at MFU "
+        f"  on {device.note} ({device.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 dense) at MFU "
         f"{args.mfu:.2f}: {hours:,.0f} GPU-hours = {hours / 24:,.0f} GPU-days"
     )
     for note in pr.notes:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from megaclip.config.schema import from_dict, is_file, load_mapping
+from megaclip.config.schema import check_finite, from_dict, is_file, load_mapping
 from megaclip.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -23,6 +23,15 @@ def _positive(where: str, **values: int) -> None:
             raise ConfigError(f"{where}.{name} must be positive, got {v}")
 
 
+def _check_tower(where: str, tower: Any, sizes: tuple[str, ...]) -> None:
+    """``sizes`` of a tower config positive, and its width split evenly over its heads."""
+    _positive(where, **{name: getattr(tower, name) for name in sizes})
+    if tower.width % tower.heads:
+        raise ConfigError(
+            f"{where}.width {tower.width} is not divisible by {where}.heads {tower.heads}"
+        )
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """A ViT image tower: patch embedding, class token, pre-LN transformer, ln_post + projection."""
@@ -36,24 +45,12 @@ class VisionConfig:
     channels: int = 3
 
     def __post_init__(self) -> None:
-        _positive(
-            "vision",
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            width=self.width,
-            layers=self.layers,
-            heads=self.heads,
-            mlp_dim=self.mlp_dim,
-            channels=self.channels,
-        )
+        sizes = ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "channels")
+        _check_tower("vision", self, sizes)
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"vision.image_size {self.image_size} is not divisible by "
                 f"vision.patch_size {self.patch_size}"
-            )
-        if self.width % self.heads:
-            raise ConfigError(
-                f"vision.width {self.width} is not divisible by vision.heads {self.heads}"
             )
 
     @property
@@ -88,19 +85,8 @@ class TextConfig:
     eos_id: int | None = None
 
     def __post_init__(self) -> None:
-        _positive(
-            "text",
-            context_length=self.context_length,
-            vocab_size=self.vocab_size,
-            width=self.width,
-            layers=self.layers,
-            heads=self.heads,
-            mlp_dim=self.mlp_dim,
-        )
-        if self.width % self.heads:
-            raise ConfigError(
-                f"text.width {self.width} is not divisible by text.heads {self.heads}"
-            )
+        sizes = ("context_length", "vocab_size", "width", "layers", "heads", "mlp_dim")
+        _check_tower("text", self, sizes)
         self._check_pooling()
 
     def _check_pooling(self) -> None:
@@ -148,8 +134,11 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         _positive("model", embed_dim=self.embed_dim)
-        if self.init_logit_bias is not None and not math.isfinite(self.init_logit_bias):
-            raise ConfigError(f"model.init_logit_bias must be finite, got {self.init_logit_bias}")
+        check_finite("model.init_logit_scale", self.init_logit_scale)
+        check_finite("model.max_logit_scale", self.max_logit_scale, 0.0, low_open=True)
+        check_finite("model.layer_norm_eps", self.layer_norm_eps, 0.0, low_open=True)
+        if self.init_logit_bias is not None:
+            check_finite("model.init_logit_bias", self.init_logit_bias)
         if self.init_logit_scale > self.max_logit_scale:
             raise ConfigError(
                 f"model.init_logit_scale {self.init_logit_scale:.4f} exceeds "

@@ -6,10 +6,33 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megaclip.config.model import ClipConfig
+from megaclip.config.schema import check_at_least
 from megaclip.errors import ConfigError
-from megaclip.parallel.shapes import check_tensor_parallel
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def check_tensor_parallel(cfg: ClipConfig, tp: int) -> None:
+    """Raise one ConfigError if ``tp`` cannot split both towers' heads and MLPs evenly."""
+    if tp < 1:
+        raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
+    problems = []
+    for tower, c in (("vision", cfg.vision), ("text", cfg.text)):
+        if c.heads % tp:
+            problems.append(f"{tower}.heads={c.heads}")
+        if c.mlp_dim % tp:
+            problems.append(f"{tower}.mlp_dim={c.mlp_dim}")
+    if problems:
+        options = [
+            d
+            for d in range(1, 65)
+            if all(x % d == 0 for x in (cfg.vision.heads, cfg.text.heads))
+            and all(x % d == 0 for x in (cfg.vision.mlp_dim, cfg.text.mlp_dim))
+        ]
+        raise ConfigError(
+            f"tensor parallel size {tp} does not divide {', '.join(problems)} of model "
+            f"'{cfg.name}'; valid tp values for this model: {options}"
+        )
 
 
 @dataclass(frozen=True)
@@ -37,9 +60,10 @@ class ParallelConfig:
     schedule: Literal["auto", "keep", "recompute"] = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp", "micro_batch_size", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(
+            "parallel", 1, tp=self.tp, pp=self.pp, dp=self.dp,
+            micro_batch_size=self.micro_batch_size, grad_accum_steps=self.grad_accum_steps,
+        )  # fmt: skip
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.schedule == "keep" and self.zero_stage == 3 and self.grad_accum_steps > 1:

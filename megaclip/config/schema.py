@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -43,6 +44,34 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
             f"{path}: expected a mapping of keys to values, got {type(data).__name__}"
         )
     return data
+
+
+def check_at_least(section: str, low: int, note: str = "", **values: int) -> None:
+    """ConfigError naming ``section.name`` for the first of ``values`` below ``low``."""
+    for name, value in values.items():
+        if value < low:
+            raise ConfigError(f"{section}.{name} must be >= {low}{note}, got {value}")
+
+
+def check_finite(
+    where: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """ConfigError unless ``value`` is finite and inside the interval (None: unbounded)."""
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        left = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        right = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        raise ConfigError(f"{where} must be a finite number in {left}, {right}, got {value}")
 
 
 def is_file(path: str | Path) -> bool:

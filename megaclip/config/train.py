@@ -9,8 +9,19 @@ from typing import Any, Literal
 
 from megaclip.config.model import ClipConfig, model_from_dict, resolve_model
 from megaclip.config.parallel import ParallelConfig
-from megaclip.config.schema import apply_overrides, from_dict, load_mapping, to_dict
+from megaclip.config.schema import (
+    apply_overrides,
+    check_at_least,
+    check_finite,
+    from_dict,
+    load_mapping,
+    to_dict,
+)
 from megaclip.errors import ConfigError
+
+#: Columns per chunk of the contrastive / SigLIP loss's online log-sum-exp (extra memory
+#: O(rows x chunk)): the default of ``train.loss_chunk_size``, the loss modules and the engine.
+LOSS_CHUNK_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -32,8 +43,9 @@ class DataConfig:
                 "data.train is empty: give a shard spec such as 'data/{000000..000099}.tar' "
                 "(or data.kind: synthetic)"
             )
-        if self.workers < 0:
-            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        check_at_least("data", 0, workers=self.workers)
+        check_at_least("data", 0, " (0 turns it off)", shuffle_buffer=self.shuffle_buffer)
+        check_finite("data.max_skip_fraction", self.max_skip_fraction, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -51,10 +63,14 @@ class OptimConfig:
     total_steps: int = 0  # length of the cosine schedule; 0 = train.steps
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError("optim.warmup_steps must be >= 0")
+        check_finite("optim.lr", self.lr, 0.0, low_open=True)
+        check_at_least("optim", 0, warmup_steps=self.warmup_steps)
+        check_finite("optim.min_lr", self.min_lr, 0.0, self.lr)
+        check_finite("optim.weight_decay", self.weight_decay, 0.0)
+        check_finite("optim.beta1", self.beta1, 0.0, 1.0, high_open=True)
+        check_finite("optim.beta2", self.beta2, 0.0, 1.0, high_open=True)
+        check_finite("optim.eps", self.eps, 0.0)
+        check_finite("optim.grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,11 @@ class ZeroShotSection:
     templates: str = ""
     every: int = 0
     max_samples: int = 0
+
+    def __post_init__(self) -> None:
+        check_at_least(
+            "zeroshot", 0, " (0 turns it off)", every=self.every, max_samples=self.max_samples
+        )
 
 
 @dataclass(frozen=True)
@@ -85,7 +106,7 @@ class TrainSection:
     patch_dropout: float = 0.0
     lock_image: bool = False
     lock_text: bool = False
-    loss_chunk_size: int = 4096
+    loss_chunk_size: int = LOSS_CHUNK_SIZE
     # "allgather": gather all features once; "stream": owners' blocks broadcast in turn, memory
     # independent of the global batch (see docs/loss.md)
     loss_mode: Literal["allgather", "stream"] = "allgather"
@@ -104,8 +125,15 @@ class TrainSection:
     memory_check: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        check_at_least(
+            "train", 1, steps=self.steps, log_every=self.log_every,
+            loss_chunk_size=self.loss_chunk_size,
+        )  # fmt: skip
+        check_at_least(
+            "train", 0, " (0 turns it off)", save_every=self.save_every,
+            keep_last=self.keep_last, exit_after=self.exit_after,
+        )  # fmt: skip
+        check_finite("train.dist_timeout_s", self.dist_timeout_s, 0.0, low_open=True)
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ConfigError(f"train.patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.lock_image and self.lock_text:

@@ -170,12 +170,3 @@ def make_demo(out_dir: str, cfg: DemoConfig, overwrite: bool = False) -> dict:
         json.dump(manifest, f, indent=2)
         f.write("\n")
     return manifest
-
-
-def read_lines(path: str) -> list[str]:
-    """Non-empty stripped lines of a text file (classnames.txt, templates.txt)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError as err:
-        raise DataError(f"cannot read {path!r}: {err.strerror}") from err

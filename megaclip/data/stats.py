@@ -1,4 +1,8 @@
-"""Skip statistics of a data stream: usable samples, skipped samples, failed shards, by reason."""
+"""Skip statistics of a data stream: usable samples, skipped samples, failed shards, by reason.
+
+:class:`SkipStats` counts one loader's epoch; :class:`SkipTally` follows a stream across epochs,
+and :func:`skip_record` sums it over the DP ranks for the training metrics.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from megaclip.errors import DataError
+from megaclip.parallel import collectives
 
 SAMPLE_REASONS = (
     "missing_image",
@@ -114,24 +122,21 @@ class SkipStats:
         """
         seen = self.seen
         tried = self.shards_read + self.shard_errors
-        if (
-            max_skip_fraction is not None
-            and tried
-            and (final or tried >= MIN_SHARDS_FOR_CHECK)
-            and self.shard_errors > max_skip_fraction * tried
-        ):
+
+        def too_many(bad: int, total: int, enough: int) -> bool:
+            """More than the tolerated fraction, once ``enough`` were looked at (or at the end)."""
+            if max_skip_fraction is None or not total or not (final or total >= enough):
+                return False
+            return bad > max_skip_fraction * total
+
+        if too_many(self.shard_errors, tried, MIN_SHARDS_FOR_CHECK):
             raise DataError(
                 f"{self.shard_errors} of {tried} shards could not be read "
                 f"({self.shard_errors / tried:.1%}), above max_skip_fraction={max_skip_fraction}: "
                 f"{self._reason_text()}; check the URLs, commands and files named in the warnings "
                 "above, or raise max_skip_fraction"
             )
-        if (
-            max_skip_fraction is not None
-            and seen
-            and (final or seen >= min_samples)
-            and self.skipped > max_skip_fraction * seen
-        ):
+        if too_many(self.skipped, seen, min_samples):
             raise DataError(
                 f"{self.skipped} of {seen} samples ({self.skip_fraction:.1%}) were skipped, above "
                 f"max_skip_fraction={max_skip_fraction}: {self._reason_text()}; check the shards "
@@ -160,3 +165,55 @@ def stats_from_dict(data: dict[str, Any] | None) -> SkipStats:
     """The SkipStats of :func:`stats_to_dict` (unknown keys ignored, missing ones 0)."""
     names = {f.name for f in _FIELDS}
     return SkipStats(**{k: int(v) for k, v in (data or {}).items() if k in names})
+
+
+class SkipTally:
+    """Skip statistics of one rank's data stream across epochs (a loader resets per epoch).
+
+    A training stream (megaclip.data.stream.TrainStream) already counts across epochs and
+    resumes (its counts are part of the checkpointed data position): watch it and never call
+    :meth:`end_epoch`.
+    """
+
+    def __init__(self) -> None:
+        self._finished = SkipStats()
+        self._loader: Any = None
+
+    def watch(self, loader: Any) -> None:
+        """Follow ``loader.skip_stats`` (a WebLoader or a TrainStream) from now on."""
+        self._loader = loader
+
+    def end_epoch(self) -> None:
+        """Fold the loader's finished epoch into the running totals."""
+        if self._loader is not None:
+            self._finished = self._finished + self._loader.skip_stats
+
+    @property
+    def total(self) -> SkipStats:
+        """Finished epochs plus the epoch in progress."""
+        live = self._loader.skip_stats if self._loader is not None else SkipStats()
+        return self._finished + live
+
+
+def skip_record(tally: SkipTally | None, dp_group: dist.ProcessGroup | None) -> dict[str, Any]:
+    """Metrics fields of the data skipped so far, summed over the DP group (collective).
+
+    ``data_ok``: samples used; ``data_skipped``: samples skipped (all sample reasons) plus one
+    per shard that could not be read to its end (unreachable URL, failing ``pipe:`` command,
+    truncated or corrupt tar: how many samples it held is unknown); ``data_shard_errors``: those
+    shards alone. Empty without a tally.
+    """
+    if tally is None:
+        return {}
+    s = tally.total
+    counts = torch.tensor([s.ok, s.skipped + s.shard_errors, s.shard_errors], dtype=torch.int64)
+    if dp_group is not None:
+        counts = collectives.host_all_reduce(counts, "sum", dp_group)  # device and back
+    ok, skipped, shard_errors = (int(v) for v in counts.tolist())
+    seen = ok + skipped
+    return {
+        "data_ok": ok,
+        "data_skipped": skipped,
+        "data_skip_fraction": skipped / seen if seen else 0.0,
+        "data_shard_errors": shard_errors,
+    }

@@ -9,7 +9,8 @@ record directly, in any layout (see :func:`megaclip.data.position.plan_resume`).
 
 ``MEGACLIP_DATA_TRACE=DIR`` makes each process append ``{"batch": i, "keys": [...]}`` per
 micro-batch to ``DIR/rank<RANK>.jsonl`` (sample keys as ``shard:key``): the resume tests compare
-these with an uninterrupted run's.
+these with an uninterrupted run's; :func:`batch_fingerprint` is the cheaper per-step check
+(a hash of each step's tokens, logged in metrics.jsonl, compared by benchmarks/soak.py).
 """
 
 from __future__ import annotations
@@ -256,3 +257,12 @@ class SyntheticStream:
         self.gen.set_state(mine[0]["generator"])
         self.batches = int(mine[0]["batches"])
         return True
+
+
+def batch_fingerprint(micro_batch: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """16 hex digits of blake2b over the micro-batch's token ids (its shape included)."""
+    tokens = micro_batch[1].detach().to("cpu", torch.int64).contiguous()
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr(tuple(tokens.shape)).encode())
+    h.update(tokens.numpy().tobytes())
+    return h.hexdigest()

@@ -143,7 +143,26 @@ def drafted(
     return img, (left, top, right, bottom)
 
 
-class ClipEvalTransform:
+class _ClipTransform:
+    """What both CLIP transforms hold: output size, normalisation, the fast-decoding switch."""
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        fast: bool,
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size={image_size} must be >= 1")
+        self.image_size = image_size
+        self.mean = mean
+        self.std = std
+        self.fast = fast
+        self.accepts_lazy_images = fast  # a reader may hand over images not decoded yet
+
+
+class ClipEvalTransform(_ClipTransform):
     """RGB -> shorter side to ``image_size`` (bicubic) -> center crop -> CLIP-normalized tensor.
 
     ``fast``: decode JPEGs scaled down by 2/4/8 while the shorter side stays >= 2 x image_size
@@ -157,13 +176,7 @@ class ClipEvalTransform:
         std: tuple[float, float, float] = CLIP_STD,
         fast: bool = False,
     ) -> None:
-        if image_size < 1:
-            raise ValueError(f"image_size={image_size} must be >= 1")
-        self.image_size = image_size
-        self.mean = mean
-        self.std = std
-        self.fast = fast
-        self.accepts_lazy_images = fast
+        super().__init__(image_size, mean, std, fast)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """The [3, image_size, image_size] float32 tensor of ``img`` (``rng`` is unused)."""
@@ -210,7 +223,7 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
-class ClipTrainTransform:
+class ClipTrainTransform(_ClipTransform):
     """RGB -> random resized crop (area ``scale``, aspect ``ratio``) -> bicubic resize -> normalize.
 
     Pass ``rng`` per call for reproducible crops (the dataset passes one per sample); without it
@@ -228,19 +241,13 @@ class ClipTrainTransform:
         std: tuple[float, float, float] = CLIP_STD,
         fast: bool = False,
     ) -> None:
-        if image_size < 1:
-            raise ValueError(f"image_size={image_size} must be >= 1")
+        super().__init__(image_size, mean, std, fast)
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale={scale} must satisfy 0 < lo <= hi <= 1")
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio={ratio} must satisfy 0 < lo <= hi")
-        self.image_size = image_size
         self.scale = scale
         self.ratio = ratio
-        self.mean = mean
-        self.std = std
-        self.fast = fast
-        self.accepts_lazy_images = fast
         self._normalize = _FastNormalize(mean, std) if fast else None
         self._rng = random.Random(seed)
 

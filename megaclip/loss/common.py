@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.errors import ConfigError
 from megaclip.parallel.collectives import (
     ProcessGroup,
@@ -53,7 +55,7 @@ def check_options(chunk_size: int | None, mode: str) -> None:
     ):
         raise ConfigError(
             f"loss chunk_size must be a positive integer (columns per chunk) or None, "
-            f"got {chunk_size!r}; set e.g. chunk_size=4096"
+            f"got {chunk_size!r}; set e.g. chunk_size={LOSS_CHUNK_SIZE}"
         )
     if mode not in MODES:
         raise ConfigError(f"loss mode must be one of {MODES}, got {mode!r}")
@@ -174,3 +176,102 @@ def workspace_width(b: int, dp: int, chunk_size: int | None, mode: str) -> int:
     """Columns per chunk: at most chunk_size and at most one block (N or the streamed rows)."""
     block = b * (dp if mode == "allgather" else blocks_per_step(b, dp, chunk_size))
     return block if chunk_size is None else min(block, chunk_size)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """How a loss runs over the DP group: the group's view, columns per chunk, mode."""
+
+    comm: DPComm
+    chunk_size: int | None
+    mode: str
+
+
+@dataclass
+class Columns:
+    """What a loss's forward sets up: this rank's rows and the N columns they meet.
+
+    ``local``: this rank's ``[image | text]`` rows, detached ([b, 2d]); ``gathered``: all N of
+    them (allgather mode) or None (stream mode: the owners' blocks are streamed per pass);
+    ``scale``: exp(logit_scale) in the accumulation dtype ``acc``; ``offset``: the global index
+    of this rank's first row.
+    """
+
+    comm: DPComm
+    local: Tensor
+    gathered: Tensor | None
+    scale: Tensor
+    acc: torch.dtype
+    offset: int
+    n: int
+    chunk_size: int | None
+    mode: str
+
+    @classmethod
+    def setup(cls, image: Tensor, text: Tensor, logit_scale: Tensor, opts: LossOptions) -> Columns:
+        """Concatenate (and in allgather mode gather) the rows; exp of the detached scale."""
+        comm, chunk_size, mode = opts.comm, opts.chunk_size, opts.mode
+        b = image.shape[0]
+        acc = acc_dtype(image.dtype)
+        local = torch.cat([image, text], dim=1).detach()  # [b, 2d]: what the columns are made of
+        gathered = comm.gather(local) if mode == "allgather" else None  # [N, 2d]
+        scale = logit_scale.detach().reshape(()).to(acc).exp()
+        return cls(
+            comm, local, gathered, scale, acc, comm.rank * b, comm.size * b, chunk_size, mode
+        )
+
+    def chunks(self) -> Iterator[tuple[int, Tensor]]:
+        """(first global column, rows) of every column chunk, in order (streams again if so)."""
+        blocks = column_blocks(self.comm, self.local, self.gathered, self.chunk_size)
+        return column_chunks(blocks, self.chunk_size)
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """[r0, r1) blocks of this rank's rows: the logits are blocked in rows as well as columns,
+        so no buffer is b x N or b x chunk however large b is."""
+        return list(chunks(self.local.shape[0], self.chunk_size))
+
+    def workspace(self, k: int, dtype: torch.dtype, device) -> ChunkWorkspace:
+        """A workspace of ``k`` buffers: one row block by one column chunk of this mode."""
+        b = self.local.shape[0]
+        width = workspace_width(b, self.comm.size, self.chunk_size, self.mode)
+        return ChunkWorkspace(min(b, self.chunk_size or b), width, k, dtype, device)
+
+
+def apply_loss(
+    fn: type[torch.autograd.Function],
+    features: tuple[Tensor, ...],
+    comm: DPComm,
+    chunk_size: int | None,
+    mode: str,
+) -> Any:
+    """``fn.apply(*features, LossOptions(...))`` after checking the options and the features
+    (image, text, then the shape-[1] scalars: logit_scale, logit_bias)."""
+    check_options(chunk_size, mode)
+    check_features(*features)
+    return fn.apply(*features, LossOptions(comm, chunk_size, mode))
+
+
+def scaled(rows: Tensor, scale: Tensor) -> Tensor:
+    """s * rows, computed in the accumulation dtype and stored in the dtype of ``rows``."""
+    return (rows.to(scale.dtype) * scale).to(rows.dtype)
+
+
+class LossModule(nn.Module):
+    """Module form of a global-batch loss: a fixed chunk size, mode and DP group."""
+
+    def __init__(
+        self,
+        chunk_size: int | None = LOSS_CHUNK_SIZE,
+        dp_group: ProcessGroup | None = None,
+        mode: str = "allgather",
+    ) -> None:
+        super().__init__()
+        check_options(chunk_size, mode)
+        self.chunk_size = chunk_size
+        self.dp_group = dp_group
+        self.mode = mode
+
+    @property
+    def options(self) -> dict:
+        """The keyword arguments of the functional loss: dp_group, chunk_size, mode."""
+        return {"dp_group": self.dp_group, "chunk_size": self.chunk_size, "mode": self.mode}

@@ -21,24 +21,21 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.loss.common import (
     ChunkWorkspace,
+    Columns,
     DPComm,
-    acc_dtype,
-    check_features,
-    check_options,
-    chunks,
-    column_blocks,
-    column_chunks,
+    LossModule,
+    LossOptions,
+    apply_loss,
     diagonal_in_chunk,
-    workspace_width,
+    scaled,
 )
 from megaclip.parallel.collectives import ProcessGroup
-
-DEFAULT_CHUNK_SIZE = 4096
 
 
 class ClipLossOutput(NamedTuple):
@@ -47,11 +44,6 @@ class ClipLossOutput(NamedTuple):
     loss: Tensor
     i2t_top1: Tensor
     t2i_top1: Tensor
-
-
-def _scaled(rows: Tensor, scale: Tensor) -> Tensor:
-    """s * rows, computed in the accumulation dtype and stored in the dtype of ``rows``."""
-    return (rows.to(scale.dtype) * scale).to(rows.dtype)
 
 
 def _scaled_logits(
@@ -138,27 +130,19 @@ class _ClipLossFn(torch.autograd.Function):
         image: Tensor,
         text: Tensor,
         logit_scale: Tensor,
-        comm: DPComm,
-        chunk_size: int | None,
-        mode: str,
+        opts: LossOptions,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, d = image.shape
-        acc = acc_dtype(image.dtype)
-        offset, n = comm.rank * b, comm.size * b
-        local = torch.cat([image, text], dim=1).detach()  # [b, 2d]: what the columns are made of
-        gathered = comm.gather(local) if mode == "allgather" else None  # [N, 2d]
-        scale = logit_scale.detach().reshape(()).to(acc).exp()
+        c = Columns.setup(image, text, logit_scale, opts)
+        acc, offset, n, scale = c.acc, c.offset, c.n, c.scale
         pos = (image.to(acc) * text.to(acc)).sum(dim=1).mul_(scale)  # canonical positive logits
-        image_s, text_s = _scaled(image, scale), _scaled(text, scale)
-        width = workspace_width(b, comm.size, chunk_size, mode)
-        row_blocks = list(chunks(b, chunk_size))  # rows are blocked too: [chunk, chunk] logits
-        ws = ChunkWorkspace(min(b, chunk_size or b), width, 1, image.dtype, image.device)
+        image_s, text_s = scaled(image, scale), scaled(text, scale)
+        ws = c.workspace(1, image.dtype, image.device)
         i2t = _OnlineCE(b, acc, image.device)
         t2i = _OnlineCE(b, acc, image.device)
-        for start, cols in column_chunks(
-            column_blocks(comm, local, gathered, chunk_size), chunk_size
-        ):
-            for r0, r1 in row_blocks:
+        rows = c.row_blocks()
+        for start, cols in c.chunks():
+            for r0, r1 in rows:
                 at = offset + r0
                 logits = _scaled_logits(ws, image_s[r0:r1], cols[:, d:], pos[r0:r1], at, start)
                 i2t.update(logits, start, r0)
@@ -168,13 +152,11 @@ class _ClipLossFn(torch.autograd.Function):
         ce_t2i, hit_t2i = t2i.result(pos, offset)
         part = ce_i2t.sum() + ce_t2i.sum()
         sums = torch.stack([part, hit_i2t.to(acc), hit_t2i.to(acc)])
-        stats = comm.gather(torch.cat([pos, ce_i2t, ce_t2i, sums])).view(comm.size, 3 * b + 3)
+        stats = c.comm.gather(torch.cat([pos, ce_i2t, ce_t2i, sums])).view(c.comm.size, 3 * b + 3)
         totals = stats[:, 3 * b :].sum(dim=0)  # same order on every rank: bit-identical result
         ctx.save_for_backward(image, text, logit_scale)
-        ctx.local, ctx.gathered, ctx.comm = local, gathered, comm
-        ctx.scale = scale
+        ctx.columns = c
         ctx.per_row = [stats[:, k * b : (k + 1) * b].reshape(n) for k in range(3)]
-        ctx.meta = (offset, chunk_size, mode)
         loss, i2t_top1, t2i_top1 = totals[0] / (2 * n), totals[1] / n, totals[2] / n
         ctx.mark_non_differentiable(i2t_top1, t2i_top1)
         return loss, i2t_top1, t2i_top1
@@ -183,47 +165,38 @@ class _ClipLossFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_loss: Tensor, _g_i2t: Tensor, _g_t2i: Tensor):  # type: ignore[override]
         image, text, logit_scale = ctx.saved_tensors
-        offset, chunk_size, mode = ctx.meta
-        comm, scale = ctx.comm, ctx.scale
+        c = ctx.columns
+        offset, n, scale = c.offset, c.n, c.scale
         b, d = image.shape
-        n = comm.size * b
         pos_all, ce_i2t, ce_t2i = ctx.per_row
         own = slice(offset, offset + b)
-        width = workspace_width(b, comm.size, chunk_size, mode)
-        row_blocks = list(chunks(b, chunk_size))
-        ws = ChunkWorkspace(min(b, chunk_size or b), width, 3, image.dtype, image.device)
+        ws = c.workspace(3, image.dtype, image.device)
         grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
         grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
         p_dot = torch.zeros((), dtype=ws.acc, device=image.device)
-        image_s, text_s = _scaled(image, scale), _scaled(text, scale)
-        blocks = column_blocks(comm, ctx.local, ctx.gathered, chunk_size)
+        image_s, text_s = scaled(image, scale), scaled(text, scale)
         ce_i2t_own, ce_t2i_own = ce_i2t[own], ce_t2i[own]
-        for start, cols in column_chunks(blocks, chunk_size):
-            for r0, r1 in row_blocks:
+        rows = c.row_blocks()
+        for start, cols in c.chunks():
+            for r0, r1 in rows:
                 r, at = slice(r0, r1), offset + r0
                 # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of
                 # image a.
                 p_dot += _grad_chunk(
-                    ws,
-                    grad_i[r],
-                    image_s[r],
-                    cols[:, d:],
-                    pos_all,
-                    ce_i2t_own[r],
-                    ce_t2i,
-                    at,
+                    ws, grad_i[r], image_s[r], cols[:, d:], pos_all, ce_i2t_own[r], ce_t2i, at,
                     start,
-                )
+                )  # fmt: skip
                 # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of
                 # text a.
                 p_dot += _grad_chunk(
-                    ws, grad_t[r], text_s[r], cols[:, :d], pos_all, ce_t2i_own[r], ce_i2t, at, start
-                )
-        g = g_loss.to(ws.acc) * comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
+                    ws, grad_t[r], text_s[r], cols[:, :d], pos_all, ce_t2i_own[r], ce_i2t, at,
+                    start,
+                )  # fmt: skip
+        g = g_loss.to(ws.acc) * c.comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
         d_image = (g * scale * grad_i).to(image.dtype)
         d_text = (g * scale * grad_t).to(text.dtype)
         d_scale = (g * p_dot).to(logit_scale.dtype).reshape(logit_scale.shape)
-        return d_image, d_text, d_scale, None, None, None
+        return d_image, d_text, d_scale, None
 
 
 def clip_loss_with_comm(
@@ -231,15 +204,12 @@ def clip_loss_with_comm(
     text_features: Tensor,
     logit_scale: Tensor,
     comm: DPComm,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = LOSS_CHUNK_SIZE,
     mode: str = "allgather",
 ) -> ClipLossOutput:
     """Global-batch CLIP loss; ``comm`` supplies this rank's index, the DP size and collectives."""
-    check_options(chunk_size, mode)
-    check_features(image_features, text_features, logit_scale)
-    loss, i2t, t2i = _ClipLossFn.apply(
-        image_features, text_features, logit_scale, comm, chunk_size, mode
-    )
+    features = (image_features, text_features, logit_scale)
+    loss, i2t, t2i = apply_loss(_ClipLossFn, features, comm, chunk_size, mode)
     return ClipLossOutput(loss, i2t.detach(), t2i.detach())
 
 
@@ -249,7 +219,7 @@ def clip_loss(
     logit_scale: Tensor,
     *,
     dp_group: ProcessGroup | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = LOSS_CHUNK_SIZE,
     mode: str = "allgather",
 ) -> ClipLossOutput:
     """Symmetric InfoNCE over the N = b * dp pairs of ``dp_group``, scale exp(logit_scale).
@@ -269,30 +239,11 @@ def clip_loss(
     )
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(LossModule):
     """Module form of :func:`clip_loss` with a fixed chunk size, mode and DP group."""
-
-    def __init__(
-        self,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-        dp_group: ProcessGroup | None = None,
-        mode: str = "allgather",
-    ) -> None:
-        super().__init__()
-        check_options(chunk_size, mode)
-        self.chunk_size = chunk_size
-        self.dp_group = dp_group
-        self.mode = mode
 
     def forward(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     ) -> ClipLossOutput:
         """Global-batch CLIP loss and top-1 accuracies (see :func:`clip_loss`)."""
-        return clip_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            dp_group=self.dp_group,
-            chunk_size=self.chunk_size,
-            mode=self.mode,
-        )
+        return clip_loss(image_features, text_features, logit_scale, **self.options)

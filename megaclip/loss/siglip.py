@@ -14,24 +14,21 @@ by chunk; no gradient is sent anywhere.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.loss.common import (
     ChunkWorkspace,
+    Columns,
     DPComm,
-    acc_dtype,
-    check_features,
-    check_options,
-    chunks,
-    column_blocks,
-    column_chunks,
+    LossModule,
+    LossOptions,
+    apply_loss,
     diagonal_in_chunk,
-    workspace_width,
+    scaled,
 )
 from megaclip.parallel.collectives import ProcessGroup
-
-DEFAULT_CHUNK_SIZE = 4096
 
 
 def _pair_loss_chunk(
@@ -89,68 +86,54 @@ class _SigLipLossFn(torch.autograd.Function):
         text: Tensor,
         logit_scale: Tensor,
         logit_bias: Tensor,
-        comm: DPComm,
-        chunk_size: int | None,
-        mode: str,
+        opts: LossOptions,
     ) -> Tensor:
-        b, d = image.shape
-        acc = acc_dtype(image.dtype)
-        offset, n = comm.rank * b, comm.size * b
-        local = torch.cat([image, text], dim=1).detach()  # [b, 2d]: what the columns are made of
-        gathered = comm.gather(local) if mode == "allgather" else None  # [N, 2d]
-        scale = logit_scale.detach().reshape(()).to(acc).exp()
-        bias = logit_bias.detach().reshape(()).to(acc)
-        row_blocks = list(chunks(b, chunk_size))  # rows are blocked too: [chunk, chunk] logits
-        width = workspace_width(b, comm.size, chunk_size, mode)
-        ws = ChunkWorkspace(min(b, chunk_size or b), width, 2, image.dtype, image.device)
-        part = torch.zeros((), dtype=acc, device=image.device)
-        image_s = (image.to(acc) * scale).to(image.dtype)
-        for start, cols in column_chunks(
-            column_blocks(comm, local, gathered, chunk_size), chunk_size
-        ):
-            for r0, r1 in row_blocks:
-                part += _pair_loss_chunk(ws, image_s[r0:r1], cols[:, d:], bias, offset + r0, start)
-        total = comm.gather(part.reshape(1)).sum()  # same order on every rank
+        d = image.shape[1]
+        c = Columns.setup(image, text, logit_scale, opts)
+        bias = logit_bias.detach().reshape(()).to(c.acc)
+        ws = c.workspace(2, image.dtype, image.device)
+        part = torch.zeros((), dtype=c.acc, device=image.device)
+        image_s = scaled(image, c.scale)
+        rows = c.row_blocks()
+        for start, cols in c.chunks():
+            for r0, r1 in rows:
+                part += _pair_loss_chunk(
+                    ws, image_s[r0:r1], cols[:, d:], bias, c.offset + r0, start
+                )
+        total = c.comm.gather(part.reshape(1)).sum()  # same order on every rank
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
-        ctx.local, ctx.gathered, ctx.comm = local, gathered, comm
-        ctx.scale, ctx.bias = scale, bias
-        ctx.meta = (offset, chunk_size, mode)
-        return total / n
+        ctx.columns, ctx.bias = c, bias
+        return total / c.n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss: Tensor):  # type: ignore[override]
         image, text, logit_scale, logit_bias = ctx.saved_tensors
-        offset, chunk_size, mode = ctx.meta
-        comm, scale, bias = ctx.comm, ctx.scale, ctx.bias
-        b, d = image.shape
-        n = comm.size * b
-        row_blocks = list(chunks(b, chunk_size))
-        width = workspace_width(b, comm.size, chunk_size, mode)
-        ws = ChunkWorkspace(min(b, chunk_size or b), width, 2, image.dtype, image.device)
+        c, bias = ctx.columns, ctx.bias
+        offset, n, scale = c.offset, c.n, c.scale
+        d = image.shape[1]
+        ws = c.workspace(2, image.dtype, image.device)
         grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
         grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
         g_dot = torch.zeros((), dtype=ws.acc, device=image.device)
         g_sum = torch.zeros((), dtype=ws.acc, device=image.device)
-        image_s = (image.to(ws.acc) * scale).to(image.dtype)
-        text_s = (text.to(ws.acc) * scale).to(text.dtype)
+        image_s, text_s = scaled(image, scale), scaled(text, scale)
         # dL/dx_ij = (sigmoid(x_ij) - [i == j]) / N; this rank's image rows give d_image and its
         # logit_scale / logit_bias shares; its text columns (from T_r I^T) give d_text.
-        for start, cols in column_chunks(
-            column_blocks(comm, ctx.local, ctx.gathered, chunk_size), chunk_size
-        ):
-            for r0, r1 in row_blocks:
+        rows = c.row_blocks()
+        for start, cols in c.chunks():
+            for r0, r1 in rows:
                 r, at = slice(r0, r1), offset + r0
                 dot, gs = _grad_chunk(ws, grad_i[r], image_s[r], cols[:, d:], bias, at, start)
                 g_dot += dot
                 g_sum += gs
                 _grad_chunk(ws, grad_t[r], text_s[r], cols[:, :d], bias, at, start)
-        g = g_loss.to(ws.acc) * comm.size / n  # dp x: docs/loss.md "gradient convention"
+        g = g_loss.to(ws.acc) * c.comm.size / n  # dp x: docs/loss.md "gradient convention"
         d_image = (g * scale * grad_i).to(image.dtype)
         d_text = (g * scale * grad_t).to(text.dtype)
         d_scale = (g * g_dot).to(logit_scale.dtype).reshape(logit_scale.shape)
         d_bias = (g * g_sum).to(logit_bias.dtype).reshape(logit_bias.shape)
-        return d_image, d_text, d_scale, d_bias, None, None, None
+        return d_image, d_text, d_scale, d_bias, None
 
 
 def siglip_loss_with_comm(
@@ -159,15 +142,12 @@ def siglip_loss_with_comm(
     logit_scale: Tensor,
     logit_bias: Tensor,
     comm: DPComm,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = LOSS_CHUNK_SIZE,
     mode: str = "allgather",
 ) -> Tensor:
     """Global-batch SigLIP loss; ``comm`` supplies this rank's index, DP size and collectives."""
-    check_options(chunk_size, mode)
-    check_features(image_features, text_features, logit_scale, logit_bias)
-    return _SigLipLossFn.apply(
-        image_features, text_features, logit_scale, logit_bias, comm, chunk_size, mode
-    )
+    features = (image_features, text_features, logit_scale, logit_bias)
+    return apply_loss(_SigLipLossFn, features, comm, chunk_size, mode)
 
 
 def siglip_loss(
@@ -177,7 +157,7 @@ def siglip_loss(
     logit_bias: Tensor,
     *,
     dp_group: ProcessGroup | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = LOSS_CHUNK_SIZE,
     mode: str = "allgather",
 ) -> Tensor:
     """-1/N sum_{i,j} log sigmoid(y_ij (exp(logit_scale) I_i.T_j + logit_bias)) over ``dp_group``.
@@ -199,31 +179,11 @@ def siglip_loss(
     )
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(LossModule):
     """Module form of :func:`siglip_loss` with a fixed chunk size, mode and DP group."""
-
-    def __init__(
-        self,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-        dp_group: ProcessGroup | None = None,
-        mode: str = "allgather",
-    ) -> None:
-        super().__init__()
-        check_options(chunk_size, mode)
-        self.chunk_size = chunk_size
-        self.dp_group = dp_group
-        self.mode = mode
 
     def forward(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor
     ) -> Tensor:
         """Global-batch SigLIP loss (see :func:`siglip_loss`)."""
-        return siglip_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            dp_group=self.dp_group,
-            chunk_size=self.chunk_size,
-            mode=self.mode,
-        )
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias, **self.options)

@@ -101,3 +101,20 @@ def model_cost(cfg: ClipConfig) -> ModelCost:
     mt = text_macs(cfg.text, cfg.embed_dim)
     scalars = 1 + (cfg.init_logit_bias is not None)
     return ModelCost(pv, pt, pv + pt + scalars, mv, mt, mv + mt)
+
+
+def vision_tokens(v: VisionConfig, patch_dropout: float = 0.0) -> int:
+    """Tokens the vision blocks see in training: the class token + the patches FLIP keeps."""
+    if patch_dropout <= 0:
+        return v.seq_len
+    return 1 + max(1, int((v.seq_len - 1) * (1 - patch_dropout)))
+
+
+def train_flops(cfg: ClipConfig, patch_dropout: float = 0.0) -> int:
+    """Model FLOPs per training sample (MFU's numerator): 6 x MACs, the vision blocks on the
+    tokens patch dropout keeps (the patch embedding still sees every patch)."""
+    v = cfg.vision
+    dropped = block_macs(v.width, v.mlp_dim, v.seq_len) - block_macs(
+        v.width, v.mlp_dim, vision_tokens(v, patch_dropout)
+    )
+    return model_cost(cfg).train_flops - 6 * v.layers * dropped

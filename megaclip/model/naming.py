@@ -62,9 +62,3 @@ def from_open_clip_key(key: str) -> str:
     if key in ("logit_scale", "logit_bias"):
         return key
     raise KeyError(f"unexpected open_clip key {key}")
-
-
-def block_index(name: str) -> tuple[str, int] | None:
-    """('visual' | 'text', block index) of a residual-block parameter, else None."""
-    m = re.search(r"(visual|text)\.blocks\.(\d+)\.", strip_prefix(name))
-    return (m.group(1), int(m.group(2))) if m else None

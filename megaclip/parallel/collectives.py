@@ -65,7 +65,7 @@ def device_type_for(backend: str) -> str:
     """The device type a backend communicates from: 'cpu' for gloo, else the accelerator's."""
     if backend.lower() in ("gloo", "mpi"):
         return "cpu"
-    from megaclip.parallel.runtime import device
+    from megaclip.parallel.device import device
 
     return device().type
 
@@ -74,7 +74,7 @@ def comm_device(group: ProcessGroup | None = None) -> torch.device:
     """Where tensors of collectives over ``group`` must live (this rank's accelerator or CPU)."""
     if not is_distributed() or device_type_for(backend_of(group)) == "cpu":
         return torch.device("cpu")
-    from megaclip.parallel.runtime import device
+    from megaclip.parallel.device import device
 
     return device()
 

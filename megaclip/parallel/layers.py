@@ -9,6 +9,8 @@ deterministically from the full (unsharded) tensors so every layout starts from 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -62,17 +64,34 @@ class _MegaclipLinear:
         )
         return f"in={inp}, out={out} (local), bias={self.bias is not None}, tp={tp}"
 
-    def _adopt(self, tp_group: dist.ProcessGroup | None) -> None:
+    def _build(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp_group: dist.ProcessGroup | None,
+        **megatron: Any,
+    ) -> None:
+        """The megatron layer (its own keyword arguments ``megatron``) over ``tp_group``, or
+        without a TP group the unsharded parameters, without megatron: its layers fall back to
+        the process's global TP group when given none, so a whole-model layer built in a TP > 1
+        process (the export, shape checks) would come out sharded."""
+        if tp_group is None:
+            nn.Module.__init__(self)
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+            self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        else:
+            super().__init__(  # the megatron class after this one in the subclass's MRO
+                in_features,
+                out_features,
+                config=_mp_config(tp_group),
+                init_method=_no_init,
+                bias=bias,
+                tp_group=tp_group,
+                **megatron,
+            )
         self.explicit_tp_group = tp_group  # megatron may substitute its global group for None
         self._load_state_dict_pre_hooks.clear()  # megatron's hook injects "_extra_state" keys
-
-    def _plain(self, in_features: int, out_features: int, bias: bool) -> None:
-        """The unsharded parameters, without megatron: its layers fall back to the process's
-        global TP group when given none, so a whole-model layer built in a TP > 1 process
-        (the export, shape checks) would come out sharded."""
-        nn.Module.__init__(self)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in(/tp)] -> [..., out(/tp)]
         if self.explicit_tp_group is None:
@@ -92,20 +111,7 @@ class ColumnLinear(_MegaclipLinear, ColumnParallelLinear):
         bias: bool = True,
         stride: int = 1,
     ) -> None:
-        if tp_group is None:
-            self._plain(in_features, out_features, bias)
-        else:
-            super().__init__(
-                in_features,
-                out_features,
-                config=_mp_config(tp_group),
-                init_method=_no_init,
-                bias=bias,
-                gather_output=False,
-                stride=stride,
-                tp_group=tp_group,
-            )
-        self._adopt(tp_group)
+        self._build(in_features, out_features, bias, tp_group, gather_output=False, stride=stride)
         # megatron sets these only for TP > 1; the checkpoint converter relies on them always.
         _mark_sharded(self.weight, dim=0, stride=stride)
         if self.bias is not None:
@@ -123,20 +129,9 @@ class RowLinear(_MegaclipLinear, RowParallelLinear):
         tp_group: dist.ProcessGroup | None,
         bias: bool = True,
     ) -> None:
-        if tp_group is None:
-            self._plain(in_features, out_features, bias)
-        else:
-            super().__init__(
-                in_features,
-                out_features,
-                config=_mp_config(tp_group),
-                init_method=_no_init,
-                bias=bias,
-                input_is_parallel=True,
-                skip_bias_add=False,
-                tp_group=tp_group,
-            )
-        self._adopt(tp_group)
+        self._build(
+            in_features, out_features, bias, tp_group, input_is_parallel=True, skip_bias_add=False
+        )
         _mark_sharded(self.weight, dim=1, stride=1)
 
 

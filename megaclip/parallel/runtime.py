@@ -15,20 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-def accelerator():
-    """DeepSpeed's accelerator abstraction (CPU here, CUDA on GPU nodes); never hard-code 'cuda'."""
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator()
-
-
-def device() -> torch.device:
-    """This process's compute device as chosen by the accelerator."""
-    acc = accelerator()
-    if acc.device_name() == "cpu":
-        return torch.device("cpu")
-    return torch.device(acc.device_name(), int(os.environ.get("LOCAL_RANK", "0")))
+from megaclip.parallel.device import accelerator, device  # noqa: F401  (re-exported)
 
 
 def pin_memory_default() -> bool:

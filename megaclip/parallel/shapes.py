@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from megaclip.config.model import ClipConfig
+# Re-exported: a model config check that lives with the config (megaclip.config.parallel).
+from megaclip.config.parallel import check_tensor_parallel as check_tensor_parallel
 from megaclip.errors import ConfigError
 
 
@@ -15,29 +16,6 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     if denominator <= 0 or numerator % denominator:
         raise ConfigError(f"{what}: {numerator} is not divisible by {denominator}")
     return numerator // denominator
-
-
-def check_tensor_parallel(cfg: ClipConfig, tp: int) -> None:
-    """Raise one ConfigError if ``tp`` cannot split both towers' heads and MLPs evenly."""
-    if tp < 1:
-        raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
-    problems = []
-    for tower, c in (("vision", cfg.vision), ("text", cfg.text)):
-        if c.heads % tp:
-            problems.append(f"{tower}.heads={c.heads}")
-        if c.mlp_dim % tp:
-            problems.append(f"{tower}.mlp_dim={c.mlp_dim}")
-    if problems:
-        options = [
-            d
-            for d in range(1, 65)
-            if all(x % d == 0 for x in (cfg.vision.heads, cfg.text.heads))
-            and all(x % d == 0 for x in (cfg.vision.mlp_dim, cfg.text.mlp_dim))
-        ]
-        raise ConfigError(
-            f"tensor parallel size {tp} does not divide {', '.join(problems)} of model "
-            f"'{cfg.name}'; valid tp values for this model: {options}"
-        )
 
 
 def shard(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Accelerator table: peak throughput, memory and link bandwidths of the GPUs the planner knows.
+"""The one accelerator table: peak throughput, memory and link bandwidths of known GPUs.
+
+Used by the planner (``megaclip plan``), by training's MFU (GPUs found by name, see
+:func:`datasheet_peak`) and by ``megaclip scaling predict`` (GPU-hours at a stated MFU).
 
 Units: TFLOP/s (dense, no 2:4 sparsity), GiB of device memory as ``nvidia-smi`` reports it
 (MiB / 1024), GB/s (10^9 bytes) for memory and links. Link bandwidths are *per GPU per
@@ -51,6 +54,11 @@ class Device:
         """Device memory in bytes."""
         return self.memory_gib * 2**30
 
+    @property
+    def peak_bf16_flops(self) -> float:
+        """Dense BF16 tensor-core peak in FLOP/s."""
+        return self.tflops_16 * 1e12
+
 
 DEVICES: dict[str, Device] = {
     d.name: d
@@ -65,9 +73,38 @@ DEVICES: dict[str, Device] = {
 }
 
 
-def get_device(name: str) -> Device:
-    """The device called ``name`` (case-insensitive), or a ConfigError listing the known ones."""
-    key = name.lower()
+#: Short family names (``megaclip scaling predict --device h100``) -> a table entry; the
+#: memory variants of a family share its peaks.
+ALIASES: dict[str, str] = {"a100": "a100-80gb", "h100": "h100-80gb", "h200": "h200-141gb"}
+
+
+def get_device(name: str, what: str = "gpu") -> Device:
+    """The device called ``name`` or an alias (case-insensitive), else a ConfigError.
+
+    ``what`` names the option in the error ("gpu" for ``--gpu``, "device" for ``--device``).
+    """
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
     if key not in DEVICES:
-        raise ConfigError(f"unknown gpu '{name}'; valid: {', '.join(DEVICES)}")
+        raise ConfigError(f"unknown {what} '{name}'; valid: {', '.join([*DEVICES, *ALIASES])}")
     return DEVICES[key]
+
+
+def device_for_name(device_name: str) -> Device | None:
+    """The first table entry of the family (A100 / H100 / H200) in a reported GPU name."""
+    upper = device_name.upper()
+    for family in ("H200", "H100", "A100"):
+        if family in upper:
+            return next(d for d in DEVICES.values() if d.name.upper().startswith(family))
+    return None
+
+
+def datasheet_peak(device_name: str, precision: str, tf32: bool = True) -> tuple[float, str] | None:
+    """(FLOP/s, source) of a GPU known by its reported name, or None (e.g. a CPU).
+
+    fp32 uses the TF32 tensor-core figure when ``tf32`` (torch's matmul TF32 switch) is on.
+    """
+    dev = device_for_name(device_name)
+    if dev is None:
+        return None
+    return dev.peak_flops(precision, tf32=tf32), f"table:megaclip.perf:{dev.name}"

@@ -79,7 +79,7 @@ from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.errors import ConfigError
 from megaclip.parallel.shapes import check_tensor_parallel
-from megaclip.pipeline.partition import partition
+from megaclip.pipeline.partition import StageRanges, partition
 
 #: DeepSpeed buckets written by the planner's config (elements): reduce/all-gather bucket size.
 BUCKET_ELEMS = 50_000_000
@@ -187,26 +187,6 @@ class StageLike(Protocol):
 
     @property
     def last(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class StageRanges:
-    """Vision blocks [a, b) and text blocks [c, d) of stage ``index`` out of ``num_stages``."""
-
-    index: int
-    num_stages: int
-    vision: tuple[int, int]
-    text: tuple[int, int]
-
-    @property
-    def first(self) -> bool:
-        """Stage 0 (holds the embeddings)."""
-        return self.index == 0
-
-    @property
-    def last(self) -> bool:
-        """The last stage (holds the heads, logit_scale and the loss)."""
-        return self.index == self.num_stages - 1
 
 
 def _split(n: int, parts: int, extra_last: bool) -> list[int]:
@@ -574,13 +554,6 @@ def layout_memory(
         )
         for i, s in enumerate(stages)
     )
-
-
-def peak_memory(
-    cfg: ClipConfig, par: ParallelConfig, stages: tuple[StageLike, ...] | None = None
-) -> float:
-    """Largest per-rank peak bytes over the pipeline stages."""
-    return max(m.peak for m in layout_memory(cfg, par, stages))
 
 
 # ---------------------------------------------------------------- a run's ranks

@@ -16,22 +16,30 @@ from megaclip.model.flops import block_macs, vision_embed_macs
 
 
 @dataclass(frozen=True)
-class StagePlan:
-    """Block ranges [start, stop) of one pipeline stage and its forward MACs per sample."""
+class StageRanges:
+    """Vision blocks [a, b) and text blocks [c, d) of stage ``index`` out of ``num_stages``."""
 
     index: int
     num_stages: int
     vision: tuple[int, int]
     text: tuple[int, int]
-    macs: int
 
     @property
     def first(self) -> bool:
+        """Stage 0 (holds the embeddings)."""
         return self.index == 0
 
     @property
     def last(self) -> bool:
+        """The last stage (holds the heads, logit_scale and the loss)."""
         return self.index == self.num_stages - 1
+
+
+@dataclass(frozen=True)
+class StagePlan(StageRanges):
+    """Block ranges [start, stop) of one pipeline stage and its forward MACs per sample."""
+
+    macs: int
 
     @property
     def span(self) -> Span:
@@ -77,12 +85,6 @@ def partition(cfg: ClipConfig, num_stages: int) -> list[StagePlan]:
         plans.append(StagePlan(s, num_stages, (v0, v1), (t0, t1), load[s]))
         v0, t0 = v1, t1
     return plans
-
-
-def imbalance(plans: list[StagePlan]) -> float:
-    """Most loaded stage's MACs over the mean, minus one (0.0 = perfectly balanced)."""
-    loads = [p.macs for p in plans]
-    return max(loads) / (sum(loads) / len(loads)) - 1.0
 
 
 def bubble_fraction(num_stages: int, micro_batches: int) -> float:

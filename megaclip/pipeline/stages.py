@@ -12,8 +12,9 @@ their gradients flow through the same backward as the features.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.distributed as dist
 
 from megaclip.config.model import ClipConfig
 from megaclip.model.clip import ClipStage
@@ -42,20 +43,11 @@ def unpack(packed: torch.Tensor, sv: int, dv: int, st: int, dt: int):
 class PipeStage(ClipStage):
     """A :class:`ClipStage` with the pipeline's transport: packed stream in, packed stream out."""
 
-    def __init__(
-        self,
-        cfg: ClipConfig,
-        plan: StagePlan,
-        *,
-        tp_group: dist.ProcessGroup | None = None,
-        patch_dropout: float = 0.0,
-        recompute: bool = False,
-    ) -> None:
-        super().__init__(
-            cfg, plan.span, tp_group=tp_group, patch_dropout=patch_dropout, recompute=recompute
-        )
+    def __init__(self, cfg: ClipConfig, plan: StagePlan, **options: Any) -> None:
+        """``options``: ClipStage's (tp_group, patch_dropout, recompute)."""
+        super().__init__(cfg, plan.span, **options)
         self.plan = plan
-        self.sv = vision_tokens(cfg, patch_dropout)
+        self.sv = vision_tokens(cfg, options.get("patch_dropout", 0.0))
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]):
         v, t = self.cfg.vision, self.cfg.text

@@ -1,6 +1,9 @@
-"""Scaling laws: fit saturating power laws to CLIP results and extrapolate metric and cost."""
+"""Scaling laws: fit saturating power laws to CLIP results and extrapolate metric and cost.
 
-from megaclip.scaling.devices import DEVICES, Device, get_device, gpu_hours
+GPU-hours use :mod:`megaclip.perf.devices`, the one device table (re-exported here).
+"""
+
+from megaclip.perf.devices import DEVICES, Device, get_device
 from megaclip.scaling.fit import (
     CurveFit,
     GroupFit,
@@ -15,7 +18,7 @@ from megaclip.scaling.fit import (
     leave_largest_out,
     pareto_frontier,
 )
-from megaclip.scaling.predict import Cost, Prediction, predict, select_group
+from megaclip.scaling.predict import Cost, Prediction, gpu_hours, predict, select_group
 from megaclip.scaling.results import (
     SHIPPED_TABLE,
     Results,

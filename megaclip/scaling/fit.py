@@ -16,6 +16,7 @@ together, vectorised as integer weights over the original points.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -390,12 +391,10 @@ def fit_group(
         raise ConfigError(f"points must be one of {', '.join(POINTS)}, got '{use}'.")
     fitted = pareto_frontier(points) if use == "frontier" else tuple(points)
     fitted = tuple(sorted(fitted, key=lambda p: p.compute))
-    cfit = fit_curve(
+    fit = functools.partial(fit_curve, n_bootstrap=n_bootstrap, seed=seed, level=level)
+    cfit = fit(
         [p.compute for p in fitted],
         [p.error for p in fitted],
-        n_bootstrap=n_bootstrap,
-        seed=seed,
-        level=level,
         what=f"dataset '{name}' ({use} points)",
     )
     curves: list[ModelCurve] = []
@@ -411,12 +410,9 @@ def fit_group(
         curves.append(
             ModelCurve(
                 model,
-                fit_curve(
+                fit(
                     [p.samples_seen for p in pts],
                     [p.error for p in pts],
-                    n_bootstrap=n_bootstrap,
-                    seed=seed,
-                    level=level,
                     what=f"model '{model}' on '{name}'",
                 ),
             )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from megaclip.config.model import ClipConfig, load_preset
 from megaclip.errors import ConfigError, DataError
 from megaclip.model.flops import model_cost
-from megaclip.scaling.devices import Device, gpu_hours
+from megaclip.perf.devices import Device
 from megaclip.scaling.fit import GroupFit, ScalingFit
 from megaclip.scaling.results import canonical_model_name, format_count
 
@@ -38,6 +38,15 @@ class Prediction:
     def extrapolation(self) -> float:
         """Compute relative to the largest fitted compute (> 1 means extrapolating)."""
         return self.compute / self.max_fitted_compute
+
+
+def gpu_hours(flops: float, device: Device, mfu: float) -> float:
+    """GPU-hours to execute ``flops`` model FLOPs: flops / (peak bf16 x mfu) / 3600."""
+    if not 0.0 < mfu <= 1.0:
+        raise ConfigError(f"MFU must be in (0, 1], got {mfu}; e.g. --mfu 0.4 for 40%.")
+    if flops <= 0:
+        raise ConfigError(f"compute must be positive, got {flops} FLOPs.")
+    return flops / (device.peak_bf16_flops * mfu) / 3600.0
 
 
 @dataclass(frozen=True)

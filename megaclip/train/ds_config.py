@@ -1,9 +1,11 @@
-"""DeepSpeed JSON configs: load, cross-check against megaclip's layout, fill batch sizes."""
+"""DeepSpeed JSON configs: load, check the sections megaclip reads, cross-check against megaclip's
+layout, fill batch sizes."""
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,39 @@ def load_ds_config(source: str | Path | dict[str, Any] | None) -> dict[str, Any]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
+
+
+_DS_SECTIONS = ("bf16", "fp16", "zero_optimization", "activation_checkpointing")
+_DS_BATCH_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+)
+
+
+def check_deepspeed_sections(ds: Mapping[str, Any], where: str = "DeepSpeed config") -> None:
+    """ConfigError unless the DeepSpeed keys megaclip reads have the shapes it expects.
+
+    Sections (``bf16``, ``fp16``, ``zero_optimization``, ``activation_checkpointing``) must
+    be objects, ``enabled`` a boolean, ``stage`` an integer, batch sizes integers or "auto".
+    """
+    for key in _DS_SECTIONS:
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(
+                f"{where}: '{key}' must be a JSON object such as {{\"enabled\": true}}, "
+                f"got {ds[key]!r}"
+            )
+    for key in ("bf16", "fp16"):
+        enabled = ds.get(key, {}).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{where}: {key}.enabled must be true or false, got {enabled!r}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
+    for key in _DS_BATCH_KEYS:
+        value = ds.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f'{where}: {key} must be an integer or "auto", got {value!r}')
 
 
 def ds_precision(ds: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ import torch
 
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
-from megaclip.config.train import OptimConfig
+from megaclip.config.train import LOSS_CHUNK_SIZE, OptimConfig
 from megaclip.errors import ConfigError
 from megaclip.loss.contrastive import ClipLossOutput, clip_loss
 from megaclip.loss.siglip import siglip_loss
@@ -128,7 +128,7 @@ class ClipEngine:
         *,
         seed: int = 0,
         patch_dropout: float = 0.0,
-        loss_chunk_size: int | None = 4096,
+        loss_chunk_size: int | None = LOSS_CHUNK_SIZE,
         loss_mode: str = "allgather",
         lock: str | None = None,
         loss: str = "clip",

@@ -15,29 +15,22 @@ import torch.distributed as dist
 import yaml
 
 from megaclip.checkpoint.atomic import read_latest
+from megaclip.checkpoint.resume import check_checkpoint_inputs
 from megaclip.config.train import RunConfig, ZeroShotSection, run_config_to_dict
+from megaclip.data.stats import SkipTally, skip_record
+from megaclip.data.stream import batch_fingerprint
 from megaclip.errors import ConfigError, NumericalError
 from megaclip.model.flops import model_cost
 from megaclip.parallel import collectives
 from megaclip.parallel.runtime import init_distributed, pin_memory_default
 from megaclip.parallel.topology import Topology
 from megaclip.perf.memory import choose_schedule
-from megaclip.train.ds_config import load_ds_config, resolve_ds_config
+from megaclip.train.ds_config import check_deepspeed_sections, load_ds_config, resolve_ds_config
 from megaclip.train.engine import ClipEngine, StepResult
-from megaclip.train.faults import (  # reliability: see docs/reliability.md
-    SkipTally,
-    TrainingGuard,
-    batch_fingerprint,
-    check_checkpoint_inputs,
-    check_deepspeed_sections,
-    check_output_dir,
-    check_run_settings,
-    exit_with_launcher,
-    skip_record,
-)
+from megaclip.train.faults import TrainingGuard, exit_with_launcher  # see docs/reliability.md
 from megaclip.train.memlog import PhaseLog
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
-from megaclip.train.preflight import check_memory, node_budget
+from megaclip.train.preflight import check_memory, check_output_dir, node_budget
 
 
 def micro_batch_stream(
@@ -135,10 +128,10 @@ class _Progress:
 
 def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     """Train ``cfg`` on the launched processes; returns the final summary on rank 0."""
-    # Everything that can be wrong with the input is checked before any process group exists.
-    check_run_settings(cfg)  # reliability: faults.py
+    # Everything that can be wrong with the input is checked before any process group exists
+    # (the config's own ranges were checked when it was built).
     ds = load_ds_config(ds_override or cfg.deepspeed)
-    check_deepspeed_sections(ds)  # reliability: faults.py
+    check_deepspeed_sections(ds)
     par = cfg.parallel
     if "activation_checkpointing" in ds and not par.activation_checkpointing:
         par = dataclasses.replace(par, activation_checkpointing=True)
@@ -163,8 +156,8 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
 
         resolve_shards(cfg.data.train)
     check_zeroshot_inputs(cfg.zeroshot)
-    check_output_dir(cfg.train.out_dir)  # reliability: faults.py
-    check_checkpoint_inputs(cfg)  # reliability: faults.py
+    check_output_dir(cfg.train.out_dir)
+    check_checkpoint_inputs(cfg)
     exit_with_launcher()  # reliability: no orphaned ranks when torchrun is SIGKILLed
     rank, world = init_distributed(cfg.train.dist_timeout_s)
     # reliability: sub-groups time out after dist_timeout_s too (megatron takes float minutes)
@@ -276,7 +269,7 @@ def _train_steps(
                 "step_time_s": last.step_time,
                 "peak_memory_gib": peak_memory_gib(),
             }
-            record["data_fingerprint"] = fingerprint  # reliability: faults.py
+            record["data_fingerprint"] = fingerprint  # compared by benchmarks/soak.py
             record.update(skip_record(tally, topo.dp_group))  # collective over DP
             t_window, samples_window = time.perf_counter(), 0
             if is_main:

@@ -1,8 +1,8 @@
 """Per-rank memory by phase of a run (build, resume, steps, save, zero-shot, export).
 
 What is measured is what runs out: accelerator allocations on a GPU (``max_memory_allocated``),
-the process's resident set on a CPU (``VmRSS`` / ``VmHWM`` from /proc, the peak reset at every
-phase through ``/proc/self/clear_refs``). Each rank writes ``<out_dir>/memory/rank_<r>.json``;
+the process's resident set on a CPU (``VmRSS`` / ``VmHWM``, the peak reset at every phase:
+megaclip.train.host). Each rank writes ``<out_dir>/memory/rank_<r>.json``;
 ``megaclip plan --run <out_dir>`` prints it next to the planner's prediction.
 """
 
@@ -16,18 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from megaclip.train.host import reset_rss_peak, status_kib
+
 GIB = 2**30
 MEMORY_DIR = "memory"
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _accelerator():
@@ -42,7 +34,7 @@ def current_bytes() -> int:
     acc = _accelerator()
     if acc is not None:
         return int(acc.memory_allocated())
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     return 0 if kib is None else kib * 1024
 
 
@@ -51,7 +43,7 @@ def peak_bytes() -> int:
     acc = _accelerator()
     if acc is not None:
         return int(acc.max_memory_allocated())
-    kib = _status_kib("VmHWM")
+    kib = status_kib("VmHWM")
     if kib is None:  # not Linux: the lifetime peak
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss if sys.platform == "darwin" else rss * 1024
@@ -64,8 +56,7 @@ def reset_peak() -> None:
     if acc is not None:
         acc.reset_peak_memory_stats()
         return
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+    reset_rss_peak()
 
 
 class PhaseLog:

@@ -1,17 +1,112 @@
-"""Run metrics: device peak for MFU, peak memory, JSONL + TensorBoard writers."""
+"""Run metrics: the device peak MFU divides by, peak memory, JSONL + TensorBoard writers.
+
+The peak of a known GPU (A100 / H100 / H200 in its reported name) is its datasheet figure from
+:mod:`megaclip.perf.devices`. On CPU there is no trustworthy datasheet figure for a shared
+virtual machine, so the peak is *measured*: the best of a few ``[n, n] @ [n, n]`` products
+(2 n^3 FLOPs each) in the run's dtype, in the same process and thread count as the training.
+``megaclip bench`` uses the same two functions.
+"""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from megaclip.perf.devices import datasheet_peak
+from megaclip.perf.throughput import matmul_flops
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A per-device peak in FLOP/s and where it came from ("table:<name>" or "probe:<n>").
+
+    ``cpu_flops`` (probes on CPU only): the same GEMMs timed in process CPU time, i.e. what the
+    cores deliver while this process actually runs (robust to a shared machine's scheduling).
+    """
+
+    flops: float
+    source: str
+    cpu_flops: float | None = None
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """torch dtype of a precision name ('fp32', 'bf16', 'fp16')."""
+    try:
+        return _DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(_DTYPES)}") from None
+
+
+def probe_matmul(
+    precision: str,
+    size: int = 2048,
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
+    min_seconds: float = 0.0,
+) -> Peak:
+    """Best measured FLOP/s of a square GEMM of ``size`` in ``precision`` on ``device``.
+
+    One warm-up product, then ``repeats`` timed ones (at least ``min_seconds`` in total); the
+    fastest counts (the machine's capability, not its average load).
+    """
+    dtype = torch_dtype(precision)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    sync = _synchronizer(torch.device(device))
+    torch.mm(a, b)
+    sync()
+    best = best_cpu = float("inf")
+    start = time.perf_counter()
+    done = 0
+    while done < repeats or time.perf_counter() - start < min_seconds:
+        t0, c0 = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
+        done += 1
+    flops = matmul_flops(size, size, size)
+    cpu = flops / best_cpu if torch.device(device).type == "cpu" and best_cpu > 0 else None
+    return Peak(flops / best, f"probe:{precision}:{size}^3", cpu)
+
+
+def _synchronizer(device: torch.device):
+    if device.type == "cpu":
+        return lambda: None
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().synchronize
+
+
+def device_peak(
+    precision: str, device: torch.device, *, probe_size: int = 2048, probe_repeats: int = 5
+) -> Peak:
+    """Per-device peak for ``precision``: the GPU table when the device is known, else a probe."""
+    if device.type != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        name = get_accelerator().device_name(device.index)
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+        tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else False
+        found = datasheet_peak(name, precision, tf32=tf32)
+        if found is not None:
+            return Peak(*found)
+    return probe_matmul(precision, probe_size, probe_repeats, device)
 
 
 def device_peak_tflops(precision: str) -> tuple[float, str]:
     """(peak TFLOP/s, source): the device table for known GPUs, else a matmul probe here."""
-    from megaclip.bench.peak import device_peak
     from megaclip.parallel.runtime import device
 
     peak = device_peak(precision, device())

@@ -1,4 +1,8 @@
-"""Memory pre-flight: refuse a layout that will not fit before anything is allocated.
+"""Pre-flight checks of the node: a writable output directory, and memory.
+
+:func:`check_output_dir`: ``train.out_dir`` is (or can be created as) a writable directory.
+
+Memory: refuse a layout that will not fit before anything is allocated.
 
 The planner's per-rank prediction (megaclip.perf.memory.rank_peaks) is compared with this
 node's budget: device memory per GPU (the planner's usable share of it), or on a CPU node the
@@ -18,8 +22,37 @@ from pathlib import Path
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.errors import ConfigError
+from megaclip.train.host import meminfo_kib
 
 GIB = 2**30
+
+
+def check_output_dir(path: str | Path, what: str = "train.out_dir") -> None:
+    """ConfigError unless ``path`` is (or can be created as) a writable directory.
+
+    Creates nothing: checks ``path`` if it exists, else its nearest existing ancestor
+    (``os.access`` also reports read-only mounts, even to root).
+    """
+    if "\x00" in str(path):
+        raise ConfigError(f"{what} {str(path)!r} contains a NUL character")
+    path = Path(path).expanduser()
+    try:
+        probe = path
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        is_dir = probe.is_dir()
+        writable = is_dir and os.access(probe, os.W_OK | os.X_OK)
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be used: {err.strerror or err}") from None
+    if not is_dir:
+        kind = "is" if probe == path else f"is under {probe}, which is"
+        raise ConfigError(f"{what} {path} {kind} a file, not a directory; choose another {what}")
+    if not writable:
+        where = "" if probe == path else f" (its nearest existing parent {probe} is not)"
+        raise ConfigError(
+            f"{what} {path} is not writable{where}: fix the permissions or choose another "
+            f"{what} (runs write config.yaml, metrics.jsonl and checkpoints/ there)"
+        )
 
 
 @dataclass(frozen=True)
@@ -40,16 +73,6 @@ def local_ranks() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _meminfo_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def node_budget() -> Budget | None:
     """This rank's memory budget, or None when it cannot be read (then nothing is checked)."""
     from megaclip.parallel.runtime import accelerator
@@ -62,7 +85,7 @@ def node_budget() -> Budget | None:
         margin, reserved = PlanRequest.memory_margin, PlanRequest.reserved_gib
         usable = total * (1 - margin) - reserved * GIB
         return Budget(usable, False, f"{total / GIB:.1f} GiB {acc.device_name()} memory")
-    avail = _meminfo_kib("MemAvailable")
+    avail = meminfo_kib("MemAvailable")
     if avail is None:
         return None
     n = local_ranks()

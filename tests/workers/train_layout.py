@@ -1,4 +1,9 @@
-"""Worker: train a few steps with ClipEngine on a (tp, pp, dp) layout; save losses and weights."""
+"""Worker: train a few steps with ClipEngine on a (tp, pp, dp) layout; save losses and weights.
+
+Also saved: Adam's first moment after step 1 (``exp_avg`` = (1 - beta1) x the step's gradient,
+read through DeepSpeed's ``safe_get_full_optimizer_state`` for any ZeRO stage), so the tests see
+the gradients themselves, which AdamW's normalised updates hide.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,28 @@ from megaclip.config.parallel import ParallelConfig
 from megaclip.model.naming import to_open_clip_key
 from megaclip.parallel.runtime import clean_exit, init_distributed
 from megaclip.parallel.topology import Topology
-from megaclip.parallel.tp_state import full_state
+from megaclip.parallel.tp_state import full_state, gather_full
 from megaclip.train.engine import ClipEngine, OptimConfig
 from tests.reference import OPTIM, global_batch, model_for, rank_micro_batches
+
+
+def first_moments(engine, tp_group) -> dict[str, torch.Tensor]:
+    """Adam's exp_avg of every parameter, ZeRO partitions and TP shards joined (collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked"):
+        # DeepSpeed 0.19.8's ZeRO-1/2 links the optimizer-state views right after the *first*
+        # parameter group's first step, so later groups' views stay empty: link them again.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    module = engine.module
+    named = []
+    for name, param in module.named_parameters():
+        moment = safe_get_full_optimizer_state(param, "exp_avg")
+        assert moment is not None, f"no exp_avg for {name}"
+        named.append((name, param, moment.reshape(getattr(param, "ds_shape", param.shape))))
+    return gather_full(named, tp_group)
 
 
 def main(out_dir: str, spec_json: str) -> None:
@@ -50,6 +74,8 @@ def main(out_dir: str, spec_json: str) -> None:
         result = engine.train_step(rank_micro_batches(images, tokens, par, topo.coords.dp))
         losses.append(result.loss)
         times.append(result.step_time)
+        if step == 0:
+            moments = first_moments(engine.engine, topo.tp_group_or_none)
     module = engine.engine.module
     params = list(module.parameters())
     if par.zero_stage == 3:
@@ -60,9 +86,10 @@ def main(out_dir: str, spec_json: str) -> None:
     else:
         state = full_state(module, topo.tp_group_or_none)
     state = {to_open_clip_key(k): v.float() for k, v in state.items()}
+    exp_avg = {to_open_clip_key(k): v.float() for k, v in moments.items()}
     if topo.coords.tp == 0 and topo.coords.dp == 0:
         torch.save(
-            {"losses": losses, "times": times, "state": state},
+            {"losses": losses, "times": times, "state": state, "exp_avg": exp_avg},
             f"{out_dir}/stage{topo.coords.pp}.pt",
         )
     clean_exit()

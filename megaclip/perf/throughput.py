@@ -1,4 +1,6 @@
-"""Pure throughput formulas: samples/s, model/hardware TFLOPs per device, MFU, HFU, bubbles.
+"""Throughput formulas: samples/s, model/hardware TFLOPs per device, MFU, HFU, bubbles.
+
+What a measured step time means (megaclip.bench measures it, ``megaclip train`` logs its MFU).
 
 Conventions (docs/benchmarks.md):
 - model FLOPs per sample = 6 x forward MACs (:func:`megaclip.model.flops.model_cost`), whatever
