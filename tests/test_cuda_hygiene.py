@@ -2,8 +2,8 @@
 TF32 for fp32 runs, SDPA's fused attention kernels for bf16, no device synchronisation in the
 hot path outside the timing code.
 
-Each test either patches the accelerator to look like a GPU (``runtime.device``) or reads the
-code, so it fails on a CPU machine when the GPU behaviour would be wrong.
+Each test either patches the accelerator to look like a GPU (``parallel.device.device``) or
+reads the code, so it fails on a CPU machine when the GPU behaviour would be wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megaclip.parallel import collectives, runtime
+from megaclip.parallel import device as device_module
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megaclip"
 GPU = torch.device("cuda", 0)
@@ -25,7 +26,8 @@ GPU = torch.device("cuda", 0)
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """The accelerator reports a CUDA device (no GPU needed to make a torch.device)."""
-    monkeypatch.setattr(runtime, "device", lambda: GPU)
+    monkeypatch.setattr(device_module, "device", lambda: GPU)  # what collectives ask
+    monkeypatch.setattr(runtime, "device", lambda: GPU)  # runtime's re-export
 
 
 # ---------------------------------------------------------------- collectives: placement
