@@ -44,28 +44,32 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 #: Sizes per mode. GPU: what fits one H200 in the time; dry: tiny, CPU.
-SIZES = {
-    "gpu": {
-        "deadline_s": 440,
-        "engine": {"model": "ViT-B-32", "micro": 128, "accum": 2, "warmup": 2, "steps": 5},
-        "exact": {"model": "tiny-pp", "micro": 4, "accum": 2, "steps": 3},
-        "train": {"steps": 40, "micro": 64, "every": 20, "workers": 4},
-        "vs_open_clip": [("ViT-B-32", 256, 8, 3), ("ViT-L-14", 64, 6, 2)],
-        "probe": 8192,
-        "bigG": {"model": "ViT-G-14", "micro": 32, "steps": 4, "warmup": 2},
-        "threads": 8,
-    },
-    "dry": {
-        "deadline_s": 300,
-        "engine": {"model": "tiny", "micro": 4, "accum": 2, "warmup": 2, "steps": 2},
-        "exact": {"model": "tiny-pp", "micro": 2, "accum": 2, "steps": 2},
-        "train": {"steps": 4, "micro": 16, "every": 2, "workers": 0},
-        "vs_open_clip": [("tiny", 8, 2, 1), ("tiny-pp", 8, 2, 1)],
-        "probe": 256,
-        "bigG": {"model": "tiny", "micro": 4, "steps": 2, "warmup": 1},
-        "threads": 1,
-    },
+_SIZES = {  # key: (GPU, dry run)
+    "deadline_s": (440, 300),
+    "probe": (8192, 256),
+    "threads": (8, 1),
+    "engine": (
+        {"model": "ViT-B-32", "micro": 128, "accum": 2, "warmup": 2, "steps": 5},
+        {"model": "tiny", "micro": 4, "accum": 2, "warmup": 2, "steps": 2},
+    ),
+    "exact": (
+        {"model": "tiny-pp", "micro": 4, "accum": 2, "steps": 3},
+        {"model": "tiny-pp", "micro": 2, "accum": 2, "steps": 2},
+    ),
+    "train": (
+        {"steps": 40, "micro": 64, "every": 20, "workers": 4},
+        {"steps": 4, "micro": 16, "every": 2, "workers": 0},
+    ),
+    "vs_open_clip": (
+        [("ViT-B-32", 256, 8, 3), ("ViT-L-14", 64, 6, 2)],
+        [("tiny", 8, 2, 1), ("tiny-pp", 8, 2, 1)],
+    ),
+    "bigG": (
+        {"model": "ViT-G-14", "micro": 32, "steps": 4, "warmup": 2},
+        {"model": "tiny", "micro": 4, "steps": 2, "warmup": 1},
+    ),
 }
+SIZES = {mode: {k: v[i] for k, v in _SIZES.items()} for i, mode in enumerate(("gpu", "dry"))}
 STAGE_NAMES = (
     "engine",
     "exact",
@@ -373,29 +377,13 @@ class Driver:
         export = run / "converted_open_clip.pt"
         convert = [py, "-m", "megaclip.cli.main", "convert", str(run / "checkpoints")]
         self.sh([*convert, "--to", "open_clip", "--out", str(export)], 120)
-        out = self.sh(
-            [
-                py,
-                "-m",
-                "megaclip.cli.main",
-                "eval",
-                "zeroshot",
-                "--checkpoint",
-                str(export),
-                "--data",
-                f"{data}/val-000000.tar",
-                "--classnames",
-                f"{data}/classnames.txt",
-                "--templates",
-                f"{data}/templates.txt",
-                "--device",
-                self.device,
-                "--precision",
-                "fp32" if self.dry else "bf16",
-                "--json",
-            ],
-            120,
-        )
+        evaluate = [
+            py, "-m", "megaclip.cli.main", "eval", "zeroshot", "--checkpoint", str(export),
+            "--data", f"{data}/val-000000.tar", "--classnames", f"{data}/classnames.txt",
+            "--templates", f"{data}/templates.txt", "--device", self.device,
+            "--precision", "fp32" if self.dry else "bf16", "--json",
+        ]  # fmt: skip
+        out = self.sh(evaluate, 120)
         ev = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
         return {
             "last_step": steps[-1] if steps else None,

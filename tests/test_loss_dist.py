@@ -16,16 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.mp_util import REPO, torchrun
-from tests.workers.loss_common import (
-    CASES,
-    LAYOUTS,
-    WORLD,
-    collective_input,
-    collective_weight,
-    data_seed,
-    features,
-    make_problem,
-)
+from tests.workers import loss_common as common
 
 pytestmark = pytest.mark.multiproc
 
@@ -35,14 +26,14 @@ TOL = {"float32": (1e-6, 1e-5), "bfloat16": (3e-2, 3e-2)}
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("loss_dist")
-    torchrun(WORLD, REPO / "tests/workers/loss_dist.py", out, timeout=240)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    torchrun(common.WORLD, REPO / "tests/workers/loss_dist.py", out, timeout=240)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(common.WORLD)]
 
 
 def reference(kind: str, prob: dict) -> dict:
     """Plain float64 autograd over the full N x N logits (independent of megaclip.loss)."""
     p = {k: v.clone().requires_grad_(k.startswith(("w_", "logit"))) for k, v in prob.items()}
-    img, txt = features(p["x_img"], p["w_img"]), features(p["x_txt"], p["w_txt"])
+    img, txt = common.features(p["x_img"], p["w_img"]), common.features(p["x_txt"], p["w_txt"])
     img.retain_grad()
     txt.retain_grad()
     logits = p["logit_scale"].exp() * img @ txt.T
@@ -74,7 +65,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, dtype: str, what: str) -
     )
 
 
-LOSS_CASES = [(i, c) for i, c in enumerate(CASES) if c["kind"] != "collectives"]
+LOSS_CASES = [(i, c) for i, c in enumerate(common.CASES) if c["kind"] != "collectives"]
 
 
 @pytest.mark.parametrize(
@@ -87,10 +78,11 @@ LOSS_CASES = [(i, c) for i, c in enumerate(CASES) if c["kind"] != "collectives"]
 )
 def test_matches_single_process(results, index: int, case: dict) -> None:
     dtype, b = case["dtype"], case["b"]
-    for gi, ranks in enumerate(LAYOUTS[case["layout"]]):
+    for gi, ranks in enumerate(common.LAYOUTS[case["layout"]]):
         dp = len(ranks)
         ref = reference(
-            case["kind"], make_problem(data_seed(index, case["layout"], gi), dp * b, case["d"])
+            case["kind"],
+            common.make_problem(common.data_seed(index, case["layout"], gi), dp * b, case["d"]),
         )
         outs = [results[r][index] for r in ranks]
         assert [o["pos"] for o in outs] == list(range(dp))
@@ -114,12 +106,12 @@ def test_matches_single_process(results, index: int, case: dict) -> None:
 def test_rank_values_identical(results) -> None:
     """The returned loss is bit-identical on every rank of a DP group."""
     for index, case in LOSS_CASES:
-        for ranks in LAYOUTS[case["layout"]]:
+        for ranks in common.LAYOUTS[case["layout"]]:
             values = {results[r][index]["loss"].item() for r in ranks}
             assert len(values) == 1, (case, values)
 
 
-COLL_CASES = [(i, c) for i, c in enumerate(CASES) if c["kind"] == "collectives"]
+COLL_CASES = [(i, c) for i, c in enumerate(common.CASES) if c["kind"] == "collectives"]
 
 
 @pytest.mark.parametrize("index,case", COLL_CASES, ids=[c["layout"] for _, c in COLL_CASES])
@@ -127,20 +119,24 @@ def test_collectives_on_subgroups(results, index: int, case: dict) -> None:
     """all_gather_cat: y = cat_r x_r, dx_r = sum_r' w_r'[rows r]; all_reduce_sum: sum_r' w_r';
     stream_rows: (j, x_j) in group order."""
     b, d = case["b"], case["d"]
-    for ranks in LAYOUTS[case["layout"]]:
+    for ranks in common.LAYOUTS[case["layout"]]:
         dp = len(ranks)
-        gathered = torch.cat([collective_input(r, b, d) for r in ranks])
-        w_gather = sum(collective_weight(r, dp * b, d) for r in ranks)
-        w_reduce = sum(collective_weight(r, b, d) for r in ranks)
+        gathered = torch.cat([common.collective_input(r, b, d) for r in ranks])
+        w_gather = sum(common.collective_weight(r, dp * b, d) for r in ranks)
+        w_reduce = sum(common.collective_weight(r, b, d) for r in ranks)
         for pos, r in enumerate(ranks):
             out = results[r][index]
             torch.testing.assert_close(out["gather"], gathered, atol=0, rtol=0)
             torch.testing.assert_close(out["gather_grad"], w_gather[pos * b : (pos + 1) * b])
-            torch.testing.assert_close(out["reduce"], sum(collective_input(q, b, d) for q in ranks))
+            torch.testing.assert_close(
+                out["reduce"], sum(common.collective_input(q, b, d) for q in ranks)
+            )
             torch.testing.assert_close(out["reduce_grad"], w_reduce)
             assert [j for j, _ in out["stream"]] == list(range(dp))
             for j, block in out["stream"]:
-                torch.testing.assert_close(block, collective_input(ranks[j], b, d), atol=0, rtol=0)
+                torch.testing.assert_close(
+                    block, common.collective_input(ranks[j], b, d), atol=0, rtol=0
+                )
             assert [j for j, _ in out["stream3"]] == list(range(0, dp, 3))
             for j, block in out["stream3"]:
                 torch.testing.assert_close(block, gathered[j * b : (j + 3) * b], atol=0, rtol=0)
