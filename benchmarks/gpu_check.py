@@ -197,7 +197,8 @@ def stage_exact(sz: dict) -> dict:
     init_distributed()
     cfg = load_preset(sz["model"])
     n = sz["micro"] * sz["accum"]
-    ref_losses, ref_state = reference_run(sz["model"], n, sz["steps"], 3)  # CPU, fp32
+    ref = reference_run(sz["model"], n, sz["steps"], 3)  # CPU, fp32
+    ref_losses, ref_state = ref.losses, ref.state
     cases = [
         ("zero0-accum", 0, "fp32", "allgather", 1e-4),
         ("zero1-stream", 1, "fp32", "stream", 1e-4),
