@@ -27,7 +27,7 @@ Accounting, per rank per step:
 TP   every residual block of the stage, every micro-batch: k all-reduces of [b, S, W] in a;
      k = 4 (2 forward: out-proj, fc2; 2 backward: input grads of QKV, fc1), +2 with activation
      checkpointing (the recomputed forward), +2 when a no-grad feature pass runs first (the
-     "recompute" schedule, :func:`megaclip.perf.memory.choose_schedule` without a budget:
+     "recompute" schedule, :func:`megaclip.perf.memory.schedule_without_budget`:
      ``parallel.schedule: recompute``, or ZeRO-3 with accumulation; at PP = 1 only with
      accumulation); f = 2 forward passes then, else f = 1 (the single-pass "keep" schedule).
 PP   stage s < p-1 sends, per micro-batch and forward pass, P and the EOT positions (b int64);
@@ -83,9 +83,9 @@ from megaclip.perf.memory import (
     BUCKET_ELEMS,
     StageLike,
     bytes_per_element,
-    choose_schedule,
     default_stages,
     optimizer_wrapper,
+    schedule_without_budget,
     stage_params,
 )
 
@@ -159,8 +159,8 @@ def _vol(cls: str, op: str, calls: float, payload_each: float, n: int) -> Volume
 
 def forward_passes(par: ParallelConfig) -> int:
     """Forward passes per micro-batch and step: 2 with a no-grad feature pass first, else 1."""
-    two = choose_schedule(None, par) == "recompute" and (par.pp > 1 or par.grad_accum_steps > 1)  # type: ignore[arg-type]
-    return 2 if two else 1
+    recompute = schedule_without_budget(par) == "recompute"
+    return 2 if recompute and (par.pp > 1 or par.grad_accum_steps > 1) else 1
 
 
 def tp_volume(cfg: ClipConfig, par: ParallelConfig, stage: StageLike) -> list[Volume]:

@@ -577,6 +577,16 @@ class RankMemory:
         return self.stage.peak + self.runtime
 
 
+def schedule_without_budget(par: ParallelConfig) -> str:
+    """``par.schedule`` with "auto" resolved without a memory budget: recompute only where
+    keeping the graphs cannot run (ZeRO-3 with accumulation), else keep."""
+    if par.schedule != "auto":
+        return par.schedule
+    if par.pp == 1 and par.zero_stage == 3 and par.grad_accum_steps > 1:
+        return "recompute"
+    return "keep"
+
+
 def choose_schedule(
     cfg: ClipConfig,
     par: ParallelConfig,
@@ -592,12 +602,9 @@ def choose_schedule(
     runtime included on a host) while recomputing fits; otherwise keep (one forward fewer).
     With one micro-batch the two are the same computation: keep.
     """
-    if par.schedule != "auto":
-        return par.schedule
-    if par.grad_accum_steps == 1:
-        return "keep"
-    if par.pp == 1 and par.zero_stage == 3:
-        return "recompute"
+    unbudgeted = schedule_without_budget(par)
+    if par.schedule != "auto" or unbudgeted == "recompute" or par.grad_accum_steps == 1:
+        return unbudgeted
     if budget_bytes is None:
         return "keep"
     kept = max(r.peak for r in rank_peaks(cfg, par, host=host, ds=ds, schedule="keep"))
