@@ -40,6 +40,7 @@ setup(
         "test": [
             "pytest>=8",
             "hypothesis>=6",
+            "pytest-timeout>=2.3",  # a hung test fails with its traceback instead of stalling CI
             "open_clip_torch>=2.24",
             "scikit-learn>=1.3",
             "transformers>=4.40,<6",  # HF CLIPModel export/import tests

@@ -373,6 +373,15 @@ def test_nan_and_inf_are_rejected_in_every_float_field(tripwire, path):
         (("train", "out_dir"), "a\x00b"),
         (("data", "max_skip_fraction"), float("inf")),
         (("data",), [1, 2]),
+        # found by a CI run: the pre-checks hung (planner searches, per-layer partition loops)
+        # or raised OverflowError / OSError instead of one clear error
+        (("model", "vision", "layers"), 10**9),
+        (("model", "text", "layers"), 10**9),
+        (("parallel", "micro_batch_size"), 2**63),
+        (("parallel", "grad_accum_steps"), 2**64 + 1),
+        (("model", "embed_dim"), 1e308),
+        (("model", "text", "vocab_size"), 1e308),
+        (("train", "init_from"), "x" * 300),
     ],
     ids=lambda v: ".".join(v) if isinstance(v, tuple) else repr(v),
 )

@@ -307,7 +307,11 @@ def check_checkpoint_inputs(cfg: RunConfig) -> None:
         return
     if t.init_from:
         path = Path(t.init_from)
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as err:  # e.g. a name longer than the file system allows
+            raise CheckpointError(f"train.init_from {path}: {err.strerror}") from None
+        if not exists:
             raise CheckpointError(f"train.init_from {path} does not exist")
         if path.is_dir() and not (path / UNIVERSAL_META).is_file():
             check_dir(resolve_checkpoint_dir(path))

@@ -17,10 +17,21 @@ POOL_TYPES = ("argmax", "eos", "first", "last")
 ALIASES = {"ViT-bigG-14": "ViT-G-14"}
 
 
+# Upper bounds of the model sizes, far above any real model (ViT-G/14: 48 layers, width 1664),
+# so that a typo fails here instead of in the planner's per-layer loops or float conversions.
+MAX_LAYERS = 4096
+MAX_DIM = 2**20  # widths, MLP and embedding dims, image size, context length, channels
+MAX_VOCAB = 2**24
+
+
 def _positive(where: str, **values: int) -> None:
+    """ConfigError unless every value is in [1, its bound] (layers, vocab_size, other dims)."""
     for name, v in values.items():
+        high = {"layers": MAX_LAYERS, "vocab_size": MAX_VOCAB}.get(name, MAX_DIM)
         if v <= 0:
             raise ConfigError(f"{where}.{name} must be positive, got {v}")
+        if v > high:
+            raise ConfigError(f"{where}.{name} must be at most {high}, got {v}")
 
 
 def _check_tower(where: str, tower: Any, sizes: tuple[str, ...]) -> None:

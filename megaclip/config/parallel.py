@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megaclip.config.model import ClipConfig
-from megaclip.config.schema import check_at_least
+from megaclip.config.schema import MAX_COUNT, check_at_least
 from megaclip.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -64,6 +64,11 @@ class ParallelConfig:
             "parallel", 1, tp=self.tp, pp=self.pp, dp=self.dp,
             micro_batch_size=self.micro_batch_size, grad_accum_steps=self.grad_accum_steps,
         )  # fmt: skip
+        if self.global_batch_size > MAX_COUNT:
+            raise ConfigError(
+                f"parallel: the global batch micro_batch_size x grad_accum_steps x dp = "
+                f"{self.global_batch_size} exceeds {MAX_COUNT}"
+            )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.schedule == "keep" and self.zero_stage == 3 and self.grad_accum_steps > 1:

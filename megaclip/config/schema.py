@@ -46,11 +46,20 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def check_at_least(section: str, low: int, note: str = "", **values: int) -> None:
-    """ConfigError naming ``section.name`` for the first of ``values`` below ``low``."""
+# The largest count any integer setting may hold (steps, batch sizes, buffers, layouts): larger
+# values are typos, and the planner's searches over them would not finish.
+MAX_COUNT = 2**31 - 1
+
+
+def check_at_least(
+    section: str, low: int, note: str = "", high: int = MAX_COUNT, **values: int
+) -> None:
+    """ConfigError naming ``section.name`` for the first of ``values`` outside [low, high]."""
     for name, value in values.items():
         if value < low:
             raise ConfigError(f"{section}.{name} must be >= {low}{note}, got {value}")
+        if value > high:
+            raise ConfigError(f"{section}.{name} must be at most {high}, got {value}")
 
 
 def check_finite(

@@ -1,0 +1,12 @@
+"""Suite-wide settings: property tests draw the same examples on every run (derandomised), so a
+CI failure reproduces here; ``HYPOTHESIS_PROFILE=explore`` draws new ones on every run."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("megaclip", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "megaclip"))
