@@ -196,3 +196,45 @@ def test_bad_arguments() -> None:
         siglip_loss(img, txt, SCALE, torch.zeros(2))
     with pytest.raises(ValueError, match="dtype"):
         clip_loss(img, txt.double(), SCALE)
+
+
+@pytest.mark.parametrize("spread", ["factorised", "direct"])
+def test_both_column_softmax_paths_match_float64_reference(monkeypatch, spread: str) -> None:
+    """The backward's column softmax Q = P * w_a * z_j while the log-sum-exps span at most 64
+    (float32), else exp'd directly: both paths, checked to be the ones taken, match float64."""
+    import megaclip.loss.contrastive as contrastive
+
+    img, txt = batch(40, 6, seed=7)
+    s = SCALE
+    if spread == "direct":  # unnormalised rows at scale 100: log-sum-exps spread over > 64
+        norms = torch.linspace(0.2, 1.5, 40)[:, None]
+        img, txt, s = img * norms, txt * norms.flip(0), torch.tensor([math.log(100.0)])
+    taken = []
+    factors = contrastive._column_factors
+    monkeypatch.setattr(
+        contrastive, "_column_factors", lambda *a: taken.append(factors(*a)) or taken[-1]
+    )
+    loss, grads = value_and_grads("clip", ours_fn(7), img, txt, s, BIAS)
+    assert (taken[0] is None) == (spread == "direct")
+    loss_ref, grads_ref = value_and_grads(
+        "clip", ref_fn, *(t.double() for t in (img, txt, s, BIAS))
+    )
+    torch.testing.assert_close(loss.double(), loss_ref, atol=1e-5, rtol=1e-5)
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), gr, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("tile", [1, 6, 20])
+def test_row_blocks_smaller_than_the_chunk(monkeypatch, kind: str, tile: int) -> None:
+    """CPU row blocks of CPU_TILE / width rows (here 1, 1 and 4 rows of 5 columns) change
+    nothing but the rounding."""
+    import megaclip.loss.common as common
+
+    img, txt = batch(11, 8)
+    want, want_grads = value_and_grads(kind, ours_fn(None), img, txt, SCALE, BIAS)
+    monkeypatch.setattr(common, "CPU_TILE", tile)
+    loss, grads = value_and_grads(kind, ours_fn(5), img, txt, SCALE, BIAS)
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+    for g, gw in zip(grads, want_grads):
+        torch.testing.assert_close(g, gw, atol=1e-6, rtol=1e-5)

@@ -62,62 +62,87 @@ def _scaled_logits(
 
 
 class _OnlineCE:
-    """Running max, sum of exp(logit - max) and argmax of b rows, fed one column chunk at a time."""
+    """Running max and sum of exp(logit - max) of b rows, fed one column chunk at a time."""
 
     def __init__(self, b: int, dtype: torch.dtype, device) -> None:
         self.max = torch.full((b,), float("-inf"), dtype=dtype, device=device)
         self.sum = torch.zeros((b,), dtype=dtype, device=device)
-        self.arg = torch.zeros((b,), dtype=torch.long, device=device)
 
-    def update(self, logits: Tensor, start: int, r0: int = 0) -> None:
-        """Fold in columns [start, start + c) of rows [r0, r0 + len(logits)); overwrites logits."""
+    def update(self, logits: Tensor, r0: int = 0) -> None:
+        """Fold in one chunk of columns of rows [r0, r0 + len(logits)); overwrites logits."""
         rows = slice(r0, r0 + logits.shape[0])
         old_max = self.max[rows]
-        m, idx = logits.max(dim=1)
-        self.arg[rows] = torch.where(m > old_max, idx + start, self.arg[rows])
-        new_max = torch.maximum(old_max, m)
+        new_max = torch.maximum(old_max, logits.amax(dim=1))
         chunk_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
         self.sum[rows] = self.sum[rows] * torch.exp(old_max - new_max) + chunk_sum
         self.max[rows] = new_max
 
-    def result(self, pos: Tensor, offset: int) -> tuple[Tensor, Tensor]:
-        """(CE_a = logsumexp_a - pos_a as (max - pos) + log(sum), number of top-1 hits)."""
-        hits = (self.arg == torch.arange(offset, offset + pos.shape[0], device=pos.device)).sum()
-        return (self.max - pos) + self.sum.log(), hits
+    def result(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """(CE_a = logsumexp_a - pos_a as (max - pos) + log(sum), number of top-1 hits).
+
+        A row is a top-1 hit when its positive attains the row maximum (the positives enter the
+        logits as the canonical ``pos``, so the comparison is exact).
+        """
+        return (self.max - pos) + self.sum.log(), (self.max == pos).sum()
+
+
+# The column softmax Q_aj = exp(logit_aj - lse_j) of the backward is the row softmax P_aj =
+# exp(logit_aj - lse_a) times exp(lse_a - lse_j) = w_a * z_j: one exp per element instead of
+# two, while the log-sum-exps of all 2N rows span at most this (w, z, P * w stay finite and a
+# P that underflows stands for a Q below exp(-39) in float32).
+_FACTOR_SPAN = {torch.float32: 64.0, torch.float64: 600.0}
+
+
+def _column_factors(lse: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """(w, z) with w_a * z_j = exp(lse_a - lse_j) (in float64, stored in ``acc``), or None
+    when the log-sum-exps ``lse`` span more than the dtype allows (then Q is exp'd directly)."""
+    wide = lse.double()
+    hi, lo = wide.max(), wide.min()
+    if float(hi - lo) > _FACTOR_SPAN[acc]:
+        return None
+    mid = (hi + lo) / 2
+    return (wide - mid).exp().to(acc), (mid - wide).exp().to(acc)
 
 
 def _grad_chunk(
     ws: ChunkWorkspace,
-    grad: Tensor,
+    grad_t: Tensor,
     scaled_rows: Tensor,
     cols: Tensor,
-    pos_all: Tensor,
+    pos: Tensor,
     ce_rows: Tensor,
     ce_cols: Tensor,
+    lse_cols: Tensor,
+    factors: tuple[Tensor, Tensor] | None,
     offset: int,
     start: int,
 ) -> Tensor:
-    """grad += G @ cols with G = P + Q - 2 onehot; return sum_aj P[a, j] (logit_aj - pos_a).
+    """grad_t += (G @ cols).T with G = P + Q - 2 onehot; return sum_aj P[a, j] (logit_aj - pos_a).
 
     logit[a, j] = s rows_a . cols_j (columns start..start+c; ``scaled_rows`` = s * rows);
     P = exp(logit - pos_a - ce_rows[a]) is this rank's rows of one direction's softmax;
-    Q = exp(logit - pos_j - ce_cols[j]) is column a of the other direction's softmax (its rows j
-    are the N gathered rows).
+    Q = exp(logit - lse_cols[j]) is column a of the other direction's softmax (its rows j are
+    the N gathered rows; lse_cols = pos + ce_cols), computed as P * w_a * z_j when ``factors``
+    = (w of these rows, z of all N columns) is given.
     """
     b, c = scaled_rows.shape[0], cols.shape[0]
-    pos = pos_all[offset : offset + b]
+    stop = start + c
     logits = _scaled_logits(ws, scaled_rows, cols, pos, offset, start)
-    g = torch.sub(logits, pos_all[None, start : start + c], out=ws.view(1, b, c))
-    g.sub_(ce_cols[None, start : start + c]).exp_()
+    q = None
+    if factors is None:
+        q = torch.sub(logits, lse_cols[None, start:stop], out=ws.view(1, b, c)).exp_()
     logits.sub_(pos[:, None])
     p = torch.sub(logits, ce_rows[:, None], out=ws.view(2, b, c)).exp_()
     p_dot = torch.dot(p.view(-1), logits.view(-1))
-    g.add_(p)
-    diag = diagonal_in_chunk(g, offset, start, start + c)
+    if q is None:
+        w, z = factors
+        q = torch.mul(p, w[:, None], out=ws.view(1, b, c)).mul_(z[None, start:stop])
+    g = q.add_(p)
+    diag = diagonal_in_chunk(g, offset, start, stop)
     if diag is not None:  # P_aa + Q_aa - 2 without cancellation: expm1 of -CE
         own = diag[0] + offset
         g[diag] = torch.expm1(-ce_rows[diag[0]]) + torch.expm1(-ce_cols[own])
-    ws.add_matmul(grad, g, cols)
+    ws.add_matmul_t(grad_t, g, cols)
     return p_dot
 
 
@@ -140,16 +165,12 @@ class _ClipLossFn(torch.autograd.Function):
         ws = c.workspace(1, image.dtype, image.device)
         i2t = _OnlineCE(b, acc, image.device)
         t2i = _OnlineCE(b, acc, image.device)
-        rows = c.row_blocks()
-        for start, cols in c.chunks():
-            for r0, r1 in rows:
-                at = offset + r0
-                logits = _scaled_logits(ws, image_s[r0:r1], cols[:, d:], pos[r0:r1], at, start)
-                i2t.update(logits, start, r0)
-                logits = _scaled_logits(ws, text_s[r0:r1], cols[:, :d], pos[r0:r1], at, start)
-                t2i.update(logits, start, r0)
-        ce_i2t, hit_i2t = i2t.result(pos, offset)
-        ce_t2i, hit_t2i = t2i.result(pos, offset)
+        for start, cols, r0, r1 in c.blocks():
+            at = offset + r0
+            i2t.update(_scaled_logits(ws, image_s[r0:r1], cols[:, d:], pos[r0:r1], at, start), r0)
+            t2i.update(_scaled_logits(ws, text_s[r0:r1], cols[:, :d], pos[r0:r1], at, start), r0)
+        ce_i2t, hit_i2t = i2t.result(pos)
+        ce_t2i, hit_t2i = t2i.result(pos)
         part = ce_i2t.sum() + ce_t2i.sum()
         sums = torch.stack([part, hit_i2t.to(acc), hit_t2i.to(acc)])
         stats = c.comm.gather(torch.cat([pos, ce_i2t, ce_t2i, sums])).view(c.comm.size, 3 * b + 3)
@@ -171,30 +192,32 @@ class _ClipLossFn(torch.autograd.Function):
         pos_all, ce_i2t, ce_t2i = ctx.per_row
         own = slice(offset, offset + b)
         ws = c.workspace(3, image.dtype, image.device)
-        grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
-        grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
+        grad_i = torch.zeros((d, b), dtype=ws.acc, device=image.device)  # transposed: [d, b]
+        grad_t = torch.zeros((d, b), dtype=ws.acc, device=text.device)
         p_dot = torch.zeros((), dtype=ws.acc, device=image.device)
         image_s, text_s = scaled(image, scale), scaled(text, scale)
-        ce_i2t_own, ce_t2i_own = ce_i2t[own], ce_t2i[own]
-        rows = c.row_blocks()
-        for start, cols in c.chunks():
-            for r0, r1 in rows:
-                r, at = slice(r0, r1), offset + r0
-                # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of
-                # image a.
-                p_dot += _grad_chunk(
-                    ws, grad_i[r], image_s[r], cols[:, d:], pos_all, ce_i2t_own[r], ce_t2i, at,
-                    start,
-                )  # fmt: skip
-                # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of
-                # text a.
-                p_dot += _grad_chunk(
-                    ws, grad_t[r], text_s[r], cols[:, :d], pos_all, ce_t2i_own[r], ce_i2t, at,
-                    start,
-                )  # fmt: skip
+        lse_i2t, lse_t2i = pos_all + ce_i2t, pos_all + ce_t2i  # [N] each
+        factors = _column_factors(torch.cat([lse_i2t, lse_t2i]), ws.acc)
+        pos, ce_i2t_own, ce_t2i_own = pos_all[own], ce_i2t[own], ce_t2i[own]
+        for start, cols, r0, r1 in c.blocks():
+            r, at = slice(r0, r1), offset + r0
+            f_i2t = f_t2i = None
+            if factors is not None:  # per direction: (w of these rows, z of all N columns)
+                w, z = factors
+                f_i2t, f_t2i = (w[:n][own][r], z[n:]), (w[n:][own][r], z[:n])
+            # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of image a.
+            p_dot += _grad_chunk(
+                ws, grad_i[:, r], image_s[r], cols[:, d:], pos[r], ce_i2t_own[r], ce_t2i, lse_t2i,
+                f_i2t, at, start,
+            )  # fmt: skip
+            # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of text a.
+            p_dot += _grad_chunk(
+                ws, grad_t[:, r], text_s[r], cols[:, :d], pos[r], ce_t2i_own[r], ce_i2t, lse_i2t,
+                f_t2i, at, start,
+            )  # fmt: skip
         g = g_loss.to(ws.acc) * c.comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
-        d_image = (g * scale * grad_i).to(image.dtype)
-        d_text = (g * scale * grad_t).to(text.dtype)
+        d_image = (g * scale * grad_i.T).to(image.dtype).contiguous()
+        d_text = (g * scale * grad_t.T).to(text.dtype).contiguous()
         d_scale = (g * p_dot).to(logit_scale.dtype).reshape(logit_scale.shape)
         return d_image, d_text, d_scale, None
 

@@ -54,14 +54,14 @@ def _pair_loss_chunk(
 
 def _grad_chunk(
     ws: ChunkWorkspace,
-    grad: Tensor,
+    grad_t: Tensor,
     scaled_rows: Tensor,
     cols: Tensor,
     bias: Tensor,
     offset: int,
     start: int,
 ) -> tuple[Tensor, Tensor]:
-    """grad += G @ cols; return (sum G * (x - beta), sum G); G = sigmoid(x) - onehot.
+    """grad_t += (G @ cols).T; return (sum G * (x - beta), sum G); G = sigmoid(x) - onehot.
 
     x = (s * rows) . cols + beta over one chunk of columns (``scaled_rows`` = s * rows); at the
     positives G = -sigmoid(-x) is computed directly (no 1 - 1 cancellation).
@@ -72,7 +72,7 @@ def _grad_chunk(
     diag = diagonal_in_chunk(logits, offset, start, start + c)
     if diag is not None:
         g[diag] = -torch.sigmoid(-(logits[diag] + bias))
-    ws.add_matmul(grad, g, cols)
+    ws.add_matmul_t(grad_t, g, cols)
     return torch.dot(g.view(-1), logits.view(-1)), g.sum()
 
 
@@ -94,12 +94,8 @@ class _SigLipLossFn(torch.autograd.Function):
         ws = c.workspace(2, image.dtype, image.device)
         part = torch.zeros((), dtype=c.acc, device=image.device)
         image_s = scaled(image, c.scale)
-        rows = c.row_blocks()
-        for start, cols in c.chunks():
-            for r0, r1 in rows:
-                part += _pair_loss_chunk(
-                    ws, image_s[r0:r1], cols[:, d:], bias, c.offset + r0, start
-                )
+        for start, cols, r0, r1 in c.blocks():
+            part += _pair_loss_chunk(ws, image_s[r0:r1], cols[:, d:], bias, c.offset + r0, start)
         total = c.comm.gather(part.reshape(1)).sum()  # same order on every rank
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
         ctx.columns, ctx.bias = c, bias
@@ -113,24 +109,22 @@ class _SigLipLossFn(torch.autograd.Function):
         offset, n, scale = c.offset, c.n, c.scale
         d = image.shape[1]
         ws = c.workspace(2, image.dtype, image.device)
-        grad_i = torch.zeros(image.shape, dtype=ws.acc, device=image.device)
-        grad_t = torch.zeros(text.shape, dtype=ws.acc, device=text.device)
+        grad_i = torch.zeros((d, image.shape[0]), dtype=ws.acc, device=image.device)  # [d, b]
+        grad_t = torch.zeros((d, text.shape[0]), dtype=ws.acc, device=text.device)
         g_dot = torch.zeros((), dtype=ws.acc, device=image.device)
         g_sum = torch.zeros((), dtype=ws.acc, device=image.device)
         image_s, text_s = scaled(image, scale), scaled(text, scale)
         # dL/dx_ij = (sigmoid(x_ij) - [i == j]) / N; this rank's image rows give d_image and its
         # logit_scale / logit_bias shares; its text columns (from T_r I^T) give d_text.
-        rows = c.row_blocks()
-        for start, cols in c.chunks():
-            for r0, r1 in rows:
-                r, at = slice(r0, r1), offset + r0
-                dot, gs = _grad_chunk(ws, grad_i[r], image_s[r], cols[:, d:], bias, at, start)
-                g_dot += dot
-                g_sum += gs
-                _grad_chunk(ws, grad_t[r], text_s[r], cols[:, :d], bias, at, start)
+        for start, cols, r0, r1 in c.blocks():
+            r, at = slice(r0, r1), offset + r0
+            dot, gs = _grad_chunk(ws, grad_i[:, r], image_s[r], cols[:, d:], bias, at, start)
+            g_dot += dot
+            g_sum += gs
+            _grad_chunk(ws, grad_t[:, r], text_s[r], cols[:, :d], bias, at, start)
         g = g_loss.to(ws.acc) * c.comm.size / n  # dp x: docs/loss.md "gradient convention"
-        d_image = (g * scale * grad_i).to(image.dtype)
-        d_text = (g * scale * grad_t).to(text.dtype)
+        d_image = (g * scale * grad_i.T).to(image.dtype).contiguous()
+        d_text = (g * scale * grad_t.T).to(text.dtype).contiguous()
         d_scale = (g * g_dot).to(logit_scale.dtype).reshape(logit_scale.shape)
         d_bias = (g * g_sum).to(logit_bias.dtype).reshape(logit_bias.shape)
         return d_image, d_text, d_scale, d_bias, None
