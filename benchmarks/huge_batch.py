@@ -90,7 +90,9 @@ def worker(out: Path, micro: int, accum: int, chunk: int) -> None:
     original = engine._global_loss
 
     def capture(img, txt, logit):
-        captured.update(img=img.detach().clone(), txt=txt.detach().clone(), logit=logit.detach())
+        captured.update(
+            img=img.detach().clone(), txt=txt.detach().clone(), logit=logit.detach().clone()
+        )  # before the step updates it
         return original(img, txt, logit)
 
     engine._global_loss = capture
