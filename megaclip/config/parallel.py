@@ -35,6 +35,14 @@ def check_tensor_parallel(cfg: ClipConfig, tp: int) -> None:
         )
 
 
+def forward_passes(schedule: str, pp: int, accum: int) -> int:
+    """Forward passes per micro-batch and step under a resolved schedule ("keep"/"recompute"):
+    2 when a no-grad feature pass runs first (recompute; at PP = 1 only with accumulation)."""
+    if schedule not in ("keep", "recompute"):
+        raise ValueError(f"forward_passes needs a resolved schedule, got {schedule!r}")
+    return 2 if schedule == "recompute" and (pp > 1 or accum > 1) else 1
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """(tp, pp, dp) layout, ZeRO stage, micro-batching and precision of one training run.

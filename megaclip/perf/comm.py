@@ -78,7 +78,7 @@ import math
 from dataclasses import dataclass
 
 from megaclip.config.model import ClipConfig
-from megaclip.config.parallel import ParallelConfig
+from megaclip.config.parallel import ParallelConfig, forward_passes
 from megaclip.perf.memory import (
     BUCKET_ELEMS,
     StageLike,
@@ -157,10 +157,9 @@ def _vol(cls: str, op: str, calls: float, payload_each: float, n: int) -> Volume
     return Volume(cls, op, calls, payload, sent_bytes(op, payload, n))
 
 
-def forward_passes(par: ParallelConfig) -> int:
-    """Forward passes per micro-batch and step: 2 with a no-grad feature pass first, else 1."""
-    recompute = schedule_without_budget(par) == "recompute"
-    return 2 if recompute and (par.pp > 1 or par.grad_accum_steps > 1) else 1
+def _forward_passes(par: ParallelConfig) -> int:
+    """Forward passes per micro-batch and step of ``par`` (its schedule resolved budget-free)."""
+    return forward_passes(schedule_without_budget(par), par.pp, par.grad_accum_steps)
 
 
 def tp_volume(cfg: ClipConfig, par: ParallelConfig, stage: StageLike) -> list[Volume]:
@@ -169,7 +168,7 @@ def tp_volume(cfg: ClipConfig, par: ParallelConfig, stage: StageLike) -> list[Vo
     if t == 1:
         return []
     nv, nt = _blocks(stage)
-    k = 2 + 2 * forward_passes(par) + (2 if par.activation_checkpointing else 0)
+    k = 2 + 2 * _forward_passes(par) + (2 if par.activation_checkpointing else 0)
     b, m, a = par.micro_batch_size, par.grad_accum_steps, bytes_per_element(par.precision)
     v, x = cfg.vision, cfg.text
     calls = m * k * (nv + nt)
@@ -182,7 +181,7 @@ def pp_volume(cfg: ClipConfig, par: ParallelConfig, stage: StageLike) -> list[Vo
     if par.pp == 1:
         return []
     m, t, b = par.grad_accum_steps, par.tp, par.micro_batch_size
-    f = forward_passes(par)
+    f = _forward_passes(par)
     size = packed_stage_bytes(cfg, par)
     part = size / t
     meta = META_BYTES if t > 1 else 0

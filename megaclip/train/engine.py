@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from megaclip.config.model import ClipConfig
-from megaclip.config.parallel import ParallelConfig
+from megaclip.config.parallel import ParallelConfig, forward_passes
 from megaclip.config.train import LOSS_CHUNK_SIZE, OptimConfig
 from megaclip.errors import ConfigError
 from megaclip.loss.contrastive import ClipLossOutput, clip_loss
@@ -299,7 +299,7 @@ class ClipEngine:
         """
         engine, accum = self.engine, len(batches)
         engine.train()
-        recompute = self.schedule == "recompute" and accum > 1
+        recompute = forward_passes(self.schedule, 1, accum) == 2
         rng = rng_state() if recompute else None
         with torch.no_grad() if recompute else contextlib.nullcontext():
             outs = [engine(*self._to_device(mb)) for mb in batches]
