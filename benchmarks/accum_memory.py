@@ -9,11 +9,13 @@ regenerated from their seed in each pass (re-read, nothing cached), as a data lo
 compact inputs would. Peak = the process's peak RSS (VmHWM) from engine construction to the end.
 
 Prints one JSON line per run (schedule, accum, peak_mib, step_s = the best timed step,
-step_s_median) and a final line with flat_peak_ratio (recompute: peak at the largest accum /
-peak at accum 1) and time_ratio (recompute / keep step time at accum 16: the best step over
-the sweep's run and ``--time-rounds`` more runs of each, alternating; best-of, as timeit does,
-because other work on a shared machine only ever adds time; time_ratio_median: the ratio of the
-runs' medians).
+step_s_median), one line for the timing run, and a final line with flat_peak_ratio (recompute:
+peak at the largest accum / peak at accum 1) and time_ratio (recompute / keep step time at
+accum 16). The time is measured in one process whose engine alternates the two schedules step
+by step (``--time-pairs`` pairs after a warm-up pair): the machine's speed drifts over minutes
+here (the same run's steps vary by 30%), and adjacent steps see the same drift. time_ratio is
+the median over the pairs of recompute step / keep step; the medians and bests of each
+schedule's steps are printed too.
 
     PYTHONPATH=. python benchmarks/accum_memory.py
     PYTHONPATH=. python benchmarks/accum_memory.py --accum 1 4 --steps 2     # quick
@@ -67,6 +69,46 @@ def worker(model: str, micro: int, accum: int, schedule: str, steps: int) -> dic
     }
 
 
+def timing_worker(model: str, micro: int, accum: int, pairs: int) -> dict:
+    """Step times of one engine alternating keep / recompute (the schedule is read per step)."""
+    import torch
+
+    from benchmarks.huge_batch import LazyBatches
+    from megaclip.config.model import resolve_model
+    from megaclip.config.parallel import ParallelConfig
+    from megaclip.config.train import OptimConfig
+    from megaclip.parallel.runtime import init_distributed
+    from megaclip.parallel.topology import Topology
+    from megaclip.train.engine import ClipEngine
+
+    init_distributed()
+    cfg = resolve_model(model)
+    par = ParallelConfig(
+        micro_batch_size=micro, grad_accum_steps=accum, schedule="keep", zero_stage=0
+    )
+    engine = ClipEngine(cfg, par, Topology(par), {}, OptimConfig(lr=1e-4, grad_clip=0.0))
+    times: dict[str, list[float]] = {"keep": [], "recompute": []}
+    for step in range(pairs + 1):  # the first pair warms both paths up
+        for schedule in ("keep", "recompute"):
+            engine.schedule = schedule
+            t = engine.train_step(LazyBatches(accum, step, micro, cfg)).step_time
+            if step:
+                times[schedule].append(t)
+    torch.distributed.barrier()
+    ratios = [r / k for k, r in zip(times["keep"], times["recompute"])]
+    return {
+        "timing": "alternating",
+        "accum": accum,
+        "pairs": pairs,
+        "time_ratio": round(statistics.median(ratios), 3),
+        "step_s_keep_median": round(statistics.median(times["keep"]), 4),
+        "step_s_recompute_median": round(statistics.median(times["recompute"]), 4),
+        "step_s_keep_best": round(min(times["keep"]), 4),
+        "step_s_recompute_best": round(min(times["recompute"]), 4),
+        "pair_ratios": [round(x, 3) for x in ratios],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=str(REPO / "megaclip/bench/models/bench-pp.yaml"))
@@ -75,13 +117,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per run (the first is warm-up)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
-        "--time-rounds", type=int, default=2, help="extra alternating timing runs at accum 16"
+        "--time-pairs", type=int, default=10, help="alternating keep/recompute step pairs"
     )
     p.add_argument("--worker", nargs=2, metavar=("ACCUM", "SCHEDULE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         accum, schedule = int(args.worker[0]), args.worker[1]
-        print(json.dumps(worker(args.model, args.micro_batch, accum, schedule, args.steps)))
+        if schedule == "alternate":
+            row = timing_worker(args.model, args.micro_batch, accum, args.time_pairs)
+        else:
+            row = worker(args.model, args.micro_batch, accum, schedule, args.steps)
+        print(json.dumps(row))
         sys.stdout.flush()
         os._exit(0)
     rows = []
@@ -99,7 +145,7 @@ def main() -> None:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--worker", str(accum), schedule,
             "--model", args.model, "--micro-batch", str(args.micro_batch),
-            "--steps", str(args.steps),
+            "--steps", str(args.steps), "--time-pairs", str(args.time_pairs),
         ]  # fmt: skip
         out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if out.returncode != 0:
@@ -112,15 +158,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     mid = 16 if 16 in args.accum else max(args.accum)
-    # Step time: the two schedules alternate at accum `mid` (load on a shared machine varies
-    # over minutes; alternating exposes both to it alike), best step of every run.
-    timed = {s: [r["step_s"] for r in rows if r["schedule"] == s and r["accum"] == mid]
-             for s in ("keep", "recompute")}  # fmt: skip
-    for _ in range(args.time_rounds):
-        for schedule in ("keep", "recompute"):
-            row = run(schedule, mid)
-            timed[schedule].append(row["step_s"])
-            print(json.dumps({**row, "timing_round": True}), flush=True)
+    timing = run("alternate", mid)
+    print(json.dumps(timing), flush=True)
 
     def pick(schedule: str, accum: int) -> dict:
         return next(r for r in rows if r["schedule"] == schedule and r["accum"] == accum)
@@ -133,12 +172,9 @@ def main() -> None:
         "keep_peak_ratio": round(
             pick("keep", big)["peak_mib"] / pick("keep", min(args.accum))["peak_mib"], 3
         ),
-        "time_ratio": round(min(timed["recompute"]) / min(timed["keep"]), 3),
-        "time_ratio_median": round(
-            statistics.median(timed["recompute"]) / statistics.median(timed["keep"]), 3
-        ),
-        "step_s_keep": min(timed["keep"]),
-        "step_s_recompute": min(timed["recompute"]),
+        "time_ratio": timing["time_ratio"],
+        "step_s_keep": timing["step_s_keep_median"],
+        "step_s_recompute": timing["step_s_recompute_median"],
         "accum_for_peak": big,
         "accum_for_time": mid,
     }
