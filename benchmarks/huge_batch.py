@@ -132,12 +132,12 @@ def reference_loss(
     pos = scale * (img * txt).sum(dim=1)
     row_sum = torch.zeros(n, dtype=torch.float64)
     col_sum = torch.zeros(n, dtype=torch.float64)
-    img_s, txt_t = scale * img, txt.T.contiguous()
+    img_s = scale * img
+    blocks = [txt[c0 : c0 + cols].T.contiguous() for c0 in range(0, n, cols)]  # [d, cols] each
     tile = torch.empty(rows * cols, dtype=torch.float64)
     for r0 in range(0, n, rows):
         a = img_s[r0 : r0 + rows]
-        for c0 in range(0, n, cols):
-            b = txt_t[:, c0 : c0 + cols]
+        for c0, b in zip(range(0, n, cols), blocks):
             e = torch.mm(a, b, out=tile[: a.shape[0] * b.shape[1]].view(a.shape[0], -1))
             e.sub_(shift).exp_()  # [rows, cols]
             row_sum[r0 : r0 + rows] += e.sum(dim=1)
