@@ -220,7 +220,7 @@ def dp_volume(n: int, par: ParallelConfig) -> list[Volume]:
     if z in (1, 2):
         reduces = 1 if z == 1 else m
         return [_vol("dp", "all_reduce", reduces, g * n, d), _vol("dp", "all_gather", 1, w * n, d)]
-    gathered = (1 if m == 1 else (forward_passes(par) + 1) * m) * w * n
+    gathered = (1 if m == 1 else (_forward_passes(par) + 1) * m) * w * n
     return [
         _vol("dp", "reduce_scatter", m, g * n, d),
         # one coalesced or many per-parameter gathers: only the bytes are modelled
