@@ -198,24 +198,16 @@ def test_bad_arguments() -> None:
         clip_loss(img, txt.double(), SCALE)
 
 
-@pytest.mark.parametrize("spread", ["factorised", "direct"])
-def test_both_column_softmax_paths_match_float64_reference(monkeypatch, spread: str) -> None:
-    """The backward's column softmax Q = P * w_a * z_j while the log-sum-exps span at most 64
-    (float32), else exp'd directly: both paths, checked to be the ones taken, match float64."""
-    import megaclip.loss.contrastive as contrastive
-
+@pytest.mark.parametrize("spread", ["unit", "wide"])
+def test_backward_matches_float64_when_the_log_sum_exps_spread_widely(spread: str) -> None:
+    """Unnormalised rows at scale 100 spread the 2N log-sum-exps over hundreds: the backward's
+    two softmaxes (row P and column Q, each exp'd with its own shift) stay exact."""
     img, txt = batch(40, 6, seed=7)
     s = SCALE
-    if spread == "direct":  # unnormalised rows at scale 100: log-sum-exps spread over > 64
+    if spread == "wide":
         norms = torch.linspace(0.2, 1.5, 40)[:, None]
         img, txt, s = img * norms, txt * norms.flip(0), torch.tensor([math.log(100.0)])
-    taken = []
-    factors = contrastive._column_factors
-    monkeypatch.setattr(
-        contrastive, "_column_factors", lambda *a: taken.append(factors(*a)) or taken[-1]
-    )
     loss, grads = value_and_grads("clip", ours_fn(7), img, txt, s, BIAS)
-    assert (taken[0] is None) == (spread == "direct")
     loss_ref, grads_ref = value_and_grads(
         "clip", ref_fn, *(t.double() for t in (img, txt, s, BIAS))
     )

@@ -86,24 +86,6 @@ class _OnlineCE:
         return (self.max - pos) + self.sum.log(), (self.max == pos).sum()
 
 
-# The column softmax Q_aj = exp(logit_aj - lse_j) of the backward is the row softmax P_aj =
-# exp(logit_aj - lse_a) times exp(lse_a - lse_j) = w_a * z_j: one exp per element instead of
-# two, while the log-sum-exps of all 2N rows span at most this (w, z, P * w stay finite and a
-# P that underflows stands for a Q below exp(-39) in float32).
-_FACTOR_SPAN = {torch.float32: 64.0, torch.float64: 600.0}
-
-
-def _column_factors(lse: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """(w, z) with w_a * z_j = exp(lse_a - lse_j) (in float64, stored in ``acc``), or None
-    when the log-sum-exps ``lse`` span more than the dtype allows (then Q is exp'd directly)."""
-    wide = lse.double()
-    hi, lo = wide.max(), wide.min()
-    if float(hi - lo) > _FACTOR_SPAN[acc]:
-        return None
-    mid = (hi + lo) / 2
-    return (wide - mid).exp().to(acc), (mid - wide).exp().to(acc)
-
-
 def _grad_chunk(
     ws: ChunkWorkspace,
     grad_t: Tensor,
@@ -113,7 +95,6 @@ def _grad_chunk(
     ce_rows: Tensor,
     ce_cols: Tensor,
     lse_cols: Tensor,
-    factors: tuple[Tensor, Tensor] | None,
     offset: int,
     start: int,
 ) -> Tensor:
@@ -122,22 +103,16 @@ def _grad_chunk(
     logit[a, j] = s rows_a . cols_j (columns start..start+c; ``scaled_rows`` = s * rows);
     P = exp(logit - pos_a - ce_rows[a]) is this rank's rows of one direction's softmax;
     Q = exp(logit - lse_cols[j]) is column a of the other direction's softmax (its rows j are
-    the N gathered rows; lse_cols = pos + ce_cols), computed as P * w_a * z_j when ``factors``
-    = (w of these rows, z of all N columns) is given.
+    the N gathered rows; lse_cols = pos + ce_cols, precomputed once per backward).
     """
     b, c = scaled_rows.shape[0], cols.shape[0]
     stop = start + c
     logits = _scaled_logits(ws, scaled_rows, cols, pos, offset, start)
-    q = None
-    if factors is None:
-        q = torch.sub(logits, lse_cols[None, start:stop], out=ws.view(1, b, c)).exp_()
+    g = torch.sub(logits, lse_cols[None, start:stop], out=ws.view(1, b, c)).exp_()  # Q
     logits.sub_(pos[:, None])
     p = torch.sub(logits, ce_rows[:, None], out=ws.view(2, b, c)).exp_()
     p_dot = torch.dot(p.view(-1), logits.view(-1))
-    if q is None:
-        w, z = factors
-        q = torch.mul(p, w[:, None], out=ws.view(1, b, c)).mul_(z[None, start:stop])
-    g = q.add_(p)
+    g.add_(p)
     diag = diagonal_in_chunk(g, offset, start, stop)
     if diag is not None:  # P_aa + Q_aa - 2 without cancellation: expm1 of -CE
         own = diag[0] + offset
@@ -197,23 +172,18 @@ class _ClipLossFn(torch.autograd.Function):
         p_dot = torch.zeros((), dtype=ws.acc, device=image.device)
         image_s, text_s = scaled(image, scale), scaled(text, scale)
         lse_i2t, lse_t2i = pos_all + ce_i2t, pos_all + ce_t2i  # [N] each
-        factors = _column_factors(torch.cat([lse_i2t, lse_t2i]), ws.acc)
         pos, ce_i2t_own, ce_t2i_own = pos_all[own], ce_i2t[own], ce_t2i[own]
         for start, cols, r0, r1 in c.blocks():
             r, at = slice(r0, r1), offset + r0
-            f_i2t = f_t2i = None
-            if factors is not None:  # per direction: (w of these rows, z of all N columns)
-                w, z = factors
-                f_i2t, f_t2i = (w[:n][own][r], z[n:]), (w[n:][own][r], z[:n])
             # I_r T^T: rows = this rank's i2t rows; column a = the t2i softmax's column of image a.
             p_dot += _grad_chunk(
                 ws, grad_i[:, r], image_s[r], cols[:, d:], pos[r], ce_i2t_own[r], ce_t2i, lse_t2i,
-                f_i2t, at, start,
+                at, start,
             )  # fmt: skip
             # T_r I^T: rows = this rank's t2i rows; column a = the i2t softmax's column of text a.
             p_dot += _grad_chunk(
                 ws, grad_t[:, r], text_s[r], cols[:, :d], pos[r], ce_t2i_own[r], ce_i2t, lse_i2t,
-                f_t2i, at, start,
+                at, start,
             )  # fmt: skip
         g = g_loss.to(ws.acc) * c.comm.size / (2 * n)  # dp x: docs/loss.md "gradient convention"
         d_image = (g * scale * grad_i.T).to(image.dtype).contiguous()
