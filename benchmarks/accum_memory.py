@@ -35,25 +35,33 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def worker(model: str, micro: int, accum: int, schedule: str, steps: int) -> dict:
-    import torch
-
-    from benchmarks.huge_batch import LazyBatches
+def build_engine(model: str, micro: int, accum: int, schedule: str, before=lambda: None):
+    """(engine, model config) of one rank, PP = 1 ZeRO-0; ``before`` runs right before the
+    engine is built (the peak measurement starts there)."""
     from megaclip.config.model import resolve_model
     from megaclip.config.parallel import ParallelConfig
     from megaclip.config.train import OptimConfig
     from megaclip.parallel.runtime import init_distributed
     from megaclip.parallel.topology import Topology
     from megaclip.train.engine import ClipEngine
-    from megaclip.train.memlog import peak_bytes, reset_peak
 
     init_distributed()
     cfg = resolve_model(model)
     par = ParallelConfig(
         micro_batch_size=micro, grad_accum_steps=accum, schedule=schedule, zero_stage=0
     )
-    reset_peak()
+    before()
     engine = ClipEngine(cfg, par, Topology(par), {}, OptimConfig(lr=1e-4, grad_clip=0.0))
+    return engine, cfg
+
+
+def worker(model: str, micro: int, accum: int, schedule: str, steps: int) -> dict:
+    import torch
+
+    from benchmarks.huge_batch import LazyBatches
+    from megaclip.train.memlog import peak_bytes, reset_peak
+
+    engine, cfg = build_engine(model, micro, accum, schedule, before=reset_peak)
     times = []
     for step in range(steps):
         batches = LazyBatches(accum, step, micro, cfg)
@@ -74,19 +82,8 @@ def timing_worker(model: str, micro: int, accum: int, pairs: int) -> dict:
     import torch
 
     from benchmarks.huge_batch import LazyBatches
-    from megaclip.config.model import resolve_model
-    from megaclip.config.parallel import ParallelConfig
-    from megaclip.config.train import OptimConfig
-    from megaclip.parallel.runtime import init_distributed
-    from megaclip.parallel.topology import Topology
-    from megaclip.train.engine import ClipEngine
 
-    init_distributed()
-    cfg = resolve_model(model)
-    par = ParallelConfig(
-        micro_batch_size=micro, grad_accum_steps=accum, schedule="keep", zero_stage=0
-    )
-    engine = ClipEngine(cfg, par, Topology(par), {}, OptimConfig(lr=1e-4, grad_clip=0.0))
+    engine, cfg = build_engine(model, micro, accum, "keep")
     times: dict[str, list[float]] = {"keep": [], "recompute": []}
     for step in range(pairs + 1):  # the first pair warms both paths up
         for schedule in ("keep", "recompute"):
