@@ -41,8 +41,17 @@ def _compare_moments(exp_avg, ref_exp_avg, rtol):
         assert err <= rtol * want.norm(), (key, float(err / want.norm()))
 
 
+# Weights after STEPS AdamW steps at lr 2e-3: every element moves up to lr per step, and Adam turns
+# a gradient's relative rounding error into the same relative error of its step. Measured largest
+# |layout - reference| over all layouts (2026-12-07): below 2e-5 with AVX-512 kernels, 2.5e-5 with
+# AVX2 kernels (AMD EPYC, SigLIP tp2xpp2, resblocks.2.mlp.c_fc.weight). Bound: 1.6x the larger,
+# still 1.3% of one step's lr, so a wrong gradient (a 1.5x or a dropped one moves weights by ~lr)
+# fails.
+PARAM_ATOL = 4e-5
+
+
 def _compare(
-    losses, state, exp_avg, micro, accum, dp, loss_rtol=1e-4, param_atol=2e-5, loss="clip"
+    losses, state, exp_avg, micro, accum, dp, loss_rtol=1e-4, param_atol=PARAM_ATOL, loss="clip"
 ):
     ref = reference_run(MODEL, micro * accum * dp, STEPS, SEED, loss=loss)
     ref_losses, ref_state = ref.losses, ref.state
@@ -112,9 +121,11 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
 def test_bf16_trains_close_to_fp32_reference(tmp_path, world, tp, pp, zero):
     """bf16 follows the fp32 reference: every step's loss and every tensor's gradient.
 
-    Measured (2026-12-01): losses within 1.3%, per-tensor gradient error up to 15% of the
-    tensor's norm (ZeRO-2 reduces bf16 gradients). A dropped gradient (100%) or a 1.5x one (50%)
-    fails; so does a model that stops learning (the reference loss falls 35% in 3 steps).
+    Measured: losses within 1.3%; per-tensor gradient error up to 15% of the tensor's norm with
+    AVX-512 kernels (2026-12-01), 25.3% with AVX2 kernels (AMD EPYC, 2026-12-07,
+    visual...resblocks.2.mlp.c_fc.bias; ZeRO-2 reduces bf16 gradients). Bound 0.35: 1.4x the
+    larger. A dropped gradient (100%) or a 1.5x one (50%) still fails; so does a model that stops
+    learning (the reference loss falls 35% in 3 steps).
     """
     micro, accum = (2, 2) if pp > 1 else (4, 1)
     losses, _, exp_avg = _run(
@@ -124,7 +135,7 @@ def test_bf16_trains_close_to_fp32_reference(tmp_path, world, tp, pp, zero):
     assert ref.losses[0] - ref.losses[-1] > 0.2 * ref.losses[0]  # the steps do learn
     for got, want in zip(losses, ref.losses, strict=True):
         assert abs(got - want) <= 0.02 * abs(want), (losses, ref.losses)
-    _compare_moments(exp_avg, ref.exp_avg, rtol=0.25)
+    _compare_moments(exp_avg, ref.exp_avg, rtol=0.35)
 
 
 @pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
