@@ -88,6 +88,20 @@ def _groups(topo) -> dict[str, list[int]]:
     }
 
 
+def _cross_probe_size(precision: str, size: int) -> int:
+    """The GEMM size of the CPU probe of the other precision: at most 512 for bf16 where the CPU
+    emulates it (no avx512_bf16 / amx_bf16: five 2048^3 products took minutes on an AVX2 EPYC)."""
+    if precision != "bf16":
+        return size
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return size
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    return size if native else min(size, 512)
+
+
 def run_throughput(
     spec: BenchSpec,
     counter: CommCounter | None = None,
@@ -153,7 +167,9 @@ def run_throughput(
             probes[precision] = (
                 peak.flops
                 if precision == par.precision
-                else probe_matmul(precision, probe_size, probe_repeats).flops
+                else probe_matmul(
+                    precision, _cross_probe_size(precision, probe_size), probe_repeats
+                ).flops
             ) / 1e12
     mine = {
         "rank": rank,
