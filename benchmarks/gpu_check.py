@@ -70,19 +70,6 @@ _SIZES = {  # key: (GPU, dry run)
     ),
 }
 SIZES = {mode: {k: v[i] for k, v in _SIZES.items()} for i, mode in enumerate(("gpu", "dry"))}
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 bf16 or AMX); without it torch
-    emulates bf16 matrix products about 100x slower than fp32 (an AVX2-only EPYC: a tiny bigG
-    rehearsal in bf16 ran past the dry run's deadline)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 STAGE_NAMES = (
     "engine",
     "exact",
@@ -299,7 +286,9 @@ class Driver:
         self.device = "cpu" if self.dry else "cuda"
         # bf16 throughput stages (vs_open_clip, bigG) rehearse in fp32 on a CPU that emulates
         # bf16; bf16 numerics stay checked by the engine stage and the exact stage's bf16 case.
-        self.bench_precision = "fp32" if self.dry and not native_cpu_bf16() else "bf16"
+        from megaclip.train.metrics import cpu_has_native_bf16
+
+        self.bench_precision = "fp32" if self.dry and not cpu_has_native_bf16() else "bf16"
         if self.dry and not args.deadline_s and self.bench_precision == "fp32":
             self.deadline = 2 * self.sz["deadline_s"]  # emulated bf16 in the engine/exact stages
 

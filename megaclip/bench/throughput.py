@@ -53,7 +53,7 @@ from megaclip.model.flops import model_cost
 from megaclip.parallel import collectives
 from megaclip.perf.memory import choose_schedule
 from megaclip.perf.throughput import analytic_bubble, hardware_flops_factor, median, throughput
-from megaclip.train.metrics import device_peak, probe_matmul
+from megaclip.train.metrics import cpu_has_native_bf16, device_peak, probe_matmul
 
 
 def instrument(engine, counter: CommCounter | None) -> dict[str, Timer]:
@@ -90,16 +90,10 @@ def _groups(topo) -> dict[str, list[int]]:
 
 def _cross_probe_size(precision: str, size: int) -> int:
     """The GEMM size of the CPU probe of the other precision: at most 512 for bf16 where the CPU
-    emulates it (no avx512_bf16 / amx_bf16: five 2048^3 products took minutes on an AVX2 EPYC)."""
-    if precision != "bf16":
-        return size
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return size
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    return size if native else min(size, 512)
+    emulates it (five 2048^3 emulated products took minutes on an AVX2 EPYC)."""
+    if precision == "bf16" and not cpu_has_native_bf16():
+        return min(size, 512)
+    return size
 
 
 def run_throughput(
