@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from megaclip.parallel.deepspeed_compat import comm_backend_functions
 from megaclip.perf.comm import sent_bytes
 
 #: Collectives wrapped by the shim: name -> kind ("ring-ar", "ring-ag", "ring-rs", "bcast",
@@ -179,19 +180,11 @@ class CommCounter:
         return self
 
     def _wrap_deepspeed_backend(self) -> None:
-        try:
-            import deepspeed.comm.comm as ds_comm
-        except ImportError:  # pragma: no cover - deepspeed is a hard dependency
-            return
-        cdb = getattr(ds_comm, "cdb", None)
-        for attr, name in (
-            ("all_gather_function", "all_gather_into_tensor"),
-            ("reduce_scatter_function", "reduce_scatter_tensor"),
-        ):
-            fn = getattr(cdb, attr, None) if cdb is not None else None
-            if fn is not None and not getattr(fn, "_megaclip_counted", False):
-                self._originals[(cdb, attr)] = fn
-                setattr(cdb, attr, self._wrap(name, fn))
+        for owner, attr, name in comm_backend_functions():
+            fn = getattr(owner, attr)
+            if not getattr(fn, "_megaclip_counted", False):
+                self._originals[(owner, attr)] = fn
+                setattr(owner, attr, self._wrap(name, fn))
 
     def uninstall(self) -> None:
         """Restore every wrapped function."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megaclip.parallel.deepspeed_compat import zero3_partition_tensor
+
 CATEGORIES = ("params", "grads", "optimizer", "other")
 _SKIP_TYPES = (nn.Module, str, bytes, int, float, bool, type(None))
 
@@ -113,7 +115,7 @@ def state_tensors(module: nn.Module, optimizer: object) -> dict[str, list[tuple[
     params = list(module.parameters())
     for i, p in enumerate(params):
         add("params", f"param[{i}]", p)
-        ds = getattr(p, "ds_tensor", None)
+        ds = zero3_partition_tensor(p)
         if isinstance(ds, torch.Tensor):
             add("params", f"param[{i}].ds_tensor", ds)
     for i, p in enumerate(params):

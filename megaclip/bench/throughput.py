@@ -57,26 +57,12 @@ from megaclip.train.metrics import cpu_has_native_bf16, device_peak, probe_matmu
 
 
 def instrument(engine, counter: CommCounter | None) -> dict[str, Timer]:
-    """Wrap the engine's loss and optimizer step with timers (and tag loss collectives)."""
+    """Time the engine's loss and optimizer step through its hooks (and tag loss collectives)."""
     timers = {"loss": Timer(), "optimizer": Timer()}
-    loss_fn = engine._global_loss
-
-    def timed_loss(*args, **kwargs):
-        with timers["loss"]:
-            if counter is None:
-                return loss_fn(*args, **kwargs)
-            with counter.phase("loss"):
-                return loss_fn(*args, **kwargs)
-
-    engine._global_loss = timed_loss
-    optimizer = engine.engine.optimizer
-    step_fn = optimizer.step
-
-    def timed_step(*args, **kwargs):
-        with timers["optimizer"]:
-            return step_fn(*args, **kwargs)
-
-    optimizer.step = timed_step
+    engine.add_hook("loss", lambda *_: timers["loss"])
+    if counter is not None:
+        engine.add_hook("loss", lambda *_: counter.phase("loss"))
+    engine.add_hook("optimizer_step", lambda: timers["optimizer"])
     return timers
 
 

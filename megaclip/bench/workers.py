@@ -50,13 +50,7 @@ def _base(rank: int, topo) -> dict[str, Any]:
 def comm_worker(spec: BenchSpec, counter: CommCounter) -> dict[str, Any]:
     """Warm up, then record every collective of ``spec.steps`` steps; per-step totals by class."""
     rank, par, topo, cfg, engine = _setup(spec)
-    loss_fn = engine._global_loss
-
-    def tagged(*args, **kwargs):
-        with counter.phase("loss"):
-            return loss_fn(*args, **kwargs)
-
-    engine._global_loss = tagged
+    engine.add_hook("loss", lambda *_: counter.phase("loss"))
     batches = step_batches(cfg, par, topo.coords.dp, spec.seed, engine.device)
     for _ in range(spec.warmup):
         engine.train_step(next(batches))
@@ -77,17 +71,17 @@ def memory_worker(spec: BenchSpec) -> dict[str, Any]:
     ds = engine.engine
     optimizer = ds.optimizer
     snapshot: dict[str, Any] = {}
-    step_fn = optimizer.step
 
-    def counting_step(*args, **kwargs):
+    @contextlib.contextmanager
+    def counting():  # entered right before the optimizer step
         snapshot["count"] = count_state(ds.module, optimizer)
         snapshot["largest"] = {
             k: sorted(v, key=lambda x: -x[1])[:4]
             for k, v in state_tensors(ds.module, optimizer).items()
         }
-        return step_fn(*args, **kwargs)
+        yield
 
-    optimizer.step = counting_step
+    engine.add_hook("optimizer_step", counting)
     batches = step_batches(cfg, par, topo.coords.dp, spec.seed, engine.device)
     for _ in range(max(2, spec.steps)):  # Adam's moments exist from the first step on
         engine.train_step(next(batches))

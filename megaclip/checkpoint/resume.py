@@ -47,6 +47,7 @@ from megaclip.checkpoint.reader import load_file, rank_state_file, resolve_check
 from megaclip.config.train import RunConfig
 from megaclip.errors import CheckpointError
 from megaclip.parallel import collectives
+from megaclip.parallel import deepspeed_compat as ds_compat
 from megaclip.parallel.runtime import rng_state, set_rng_state
 
 UNIVERSAL_SUBDIR = "universal"
@@ -61,7 +62,7 @@ def optimizer_param_names(clip_engine) -> list[list[str]] | None:
     """
     opt = clip_engine.engine.optimizer
     names = {id(p): n for n, p in clip_engine.engine.module.named_parameters()}
-    groups = getattr(opt, "fp16_groups", None)
+    groups = ds_compat.lp_param_groups(opt)
     if groups is None:
         groups = [g["params"] for g in getattr(opt, "param_groups", None) or []]
     out = []
@@ -216,7 +217,6 @@ def _mapped_loads(engine) -> Iterator[list[Any]]:
     weights and fp32 partitions out of them; Adam's moments it adopts as they are (see
     :func:`_own_optimizer_state`).
     """
-    ce = engine.checkpoint_engine
     loaded: list[Any] = []
 
     def load(path: str, map_location=None) -> Any:
@@ -224,11 +224,10 @@ def _mapped_loads(engine) -> Iterator[list[Any]]:
         loaded.append(obj)
         return obj
 
-    ce.load = load  # an instance attribute shadows the class's method
     try:
-        yield loaded
+        with ds_compat.checkpoint_loads_through(engine, load):
+            yield loaded
     finally:
-        del ce.load
         for obj in loaded:
             mmap_io.release_all(obj)
         loaded.clear()
@@ -250,7 +249,7 @@ def _own_optimizer_state(engine, loaded: list[Any]) -> None:
         return any(a <= p < b for a, b in ranges)
 
     opt = engine.optimizer
-    bases = {id(o): o for o in (opt, getattr(opt, "optimizer", None)) if o is not None}
+    bases = {id(o): o for o in (opt, ds_compat.base_optimizer(opt)) if o is not None}
     for base in bases.values():
         for state in getattr(base, "state", {}).values():
             for key, value in state.items():

@@ -10,7 +10,8 @@ with ClipModel parameter names and full (unsharded) fp32 tensors. One file per p
 each rank read only the parameters of its own pipeline stage. Loading cuts each tensor to this
 rank's TP shard (:func:`megaclip.parallel.shapes.shard`) and writes it into the module weights,
 the ZeRO / bf16 fp32 master partition and the Adam state of the partition, using DeepSpeed's
-fragment addresses (``param._hp_mapping``), so every ZeRO stage and pipeline layout works.
+fragment addresses (through :mod:`megaclip.parallel.deepspeed_compat`, the fence around
+DeepSpeed's internals), so every ZeRO stage and pipeline layout works.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from megaclip.config.model import ClipConfig, model_from_dict
 from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError, ConfigError
 from megaclip.parallel import collectives
+from megaclip.parallel import deepspeed_compat as ds_compat
 from megaclip.parallel.layers import partition_of
 from megaclip.parallel.shapes import shard
 
@@ -199,9 +201,7 @@ def load_universal(
         sched.load_state_dict(state["lr_scheduler"])
         for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
             group["lr"] = lr
-    for key, value in (state.get("engine") or {}).items():
-        if value is not None:
-            setattr(clip_engine.engine, key, value)
+    ds_compat.set_engine_counters(clip_engine.engine, state.get("engine") or {})
     clip_engine.step_count = int(record.get("step", 0))
     clients = state.get("client_states") or {}
     return clients.get(0, {}) if clients else {}
@@ -277,11 +277,6 @@ def check_shapes(
 # ------------------------------------------------------------------ loading into an engine
 
 
-def _base_optimizer(engine) -> torch.optim.Optimizer:
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
-
-
 def _ensure_state(base: torch.optim.Optimizer, flat: torch.Tensor, adam_step: int) -> dict:
     state = base.state[flat]
     for key in MOMENTS:
@@ -289,14 +284,6 @@ def _ensure_state(base: torch.optim.Optimizer, flat: torch.Tensor, adam_step: in
             state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
     state["step"] = torch.tensor(float(adam_step), dtype=torch.float32)
     return state
-
-
-def _fp32_copies(opt) -> dict[int, torch.Tensor]:
-    """{id(module param): its fp32 master} of DeepSpeed's unfused 16-bit optimizer, else {}."""
-    lp, hp = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
-    if not lp or not hp or len(lp) != len(hp):
-        return {}
-    return {id(p): m for g16, g32 in zip(lp, hp) for p, m in zip(g16, g32)}
 
 
 def _zero3_piece(full: torch.Tensor, rank: int, part: int) -> torch.Tensor:
@@ -326,23 +313,21 @@ def apply_full_state(
     full tensor at a time is held.
 
     For each parameter: local = shard(full, dim, stride, tp_rank, tp); written to the module
-    (training dtype), to the fp32 master (ZeRO-1/2, bf16: ``_hp_mapping`` fragment; ZeRO-3:
-    this rank's partition) and, with ``moments``, to exp_avg / exp_avg_sq of the same fragment.
+    (training dtype), to the fp32 master (ZeRO-1/2, bf16: its fp32 fragment; ZeRO-3: this
+    rank's partition) and, with ``moments``, to exp_avg / exp_avg_sq of the same fragment.
     """
-    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
     engine = clip_engine.engine
     tp_rank, tp = clip_engine.topo.coords.tp, clip_engine.par.tp
-    base = _base_optimizer(engine)
+    base = ds_compat.base_optimizer(engine.optimizer)
     step = int(adam_step or 0)
     if moments:
         # The fp32 partitions Adam steps on (ZeRO-3 keeps them out of param_groups between steps).
-        flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+        flats = ds_compat.zero3_flat_groups(engine.optimizer)
         if flats is None:
             flats = [flat for group in base.param_groups for flat in group["params"]]
         for flat in flats:
             _ensure_state(base, flat, step)
-    masters = _fp32_copies(engine.optimizer)
+    masters = ds_compat.unfused_fp32_masters(engine.optimizer)
     mine = {
         canonical_name(n): (n, p)
         for n, p in engine.module.named_parameters()
@@ -366,39 +351,35 @@ def apply_full_state(
                 f"parameter {canon}: TP shard of shape {tuple(local['fp32'].shape)} does not fit "
                 f"this rank's {want}"
             )
-        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of weight and master
-            part = param.ds_tensor.numel()
+        if ds_compat.is_zero3_param(param):  # ZeRO-3: this rank's partition of weight, master
+            part = ds_compat.zero3_partition_numel(param)
             rank = clip_engine.topo.coords.dp
             piece = _zero3_piece(local["fp32"], rank, part)
-            param.ds_tensor.data.copy_(piece.to(param.ds_tensor.device, param.ds_tensor.dtype))
-            if param.data.numel() == param.ds_numel:  # currently gathered (persistent)
-                param.data.copy_(local["fp32"].to(param.device, param.dtype).view_as(param.data))
+            ds_compat.write_zero3_param(param, piece, local["fp32"])
             if param.requires_grad:
-                safe_set_local_fp32_param(param, piece)
+                ds_compat.set_zero3_master(param, piece)
                 if moments:
                     for key in MOMENTS:
                         piece = _zero3_piece(local[key], rank, part)
-                        safe_set_local_optimizer_state(param, piece, key)
+                        ds_compat.set_zero3_moment(param, piece, key)
             continue
         param.data.copy_(local["fp32"].to(param.device, param.dtype))
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is not None:  # ZeRO-1/2 or bf16 optimizer: fp32 fragment of this rank
-            lp = mapping.lp_fragment_address
-            hp = mapping.hp_fragment_address
-            mapping.hp_fragment.data.copy_(local["fp32"].flatten().narrow(0, lp.start, lp.numel))
+        frag = ds_compat.fp32_fragment(param)
+        if frag is not None:  # ZeRO-1/2 or bf16 optimizer: fp32 fragment of this rank
+            frag.master.data.copy_(local["fp32"].flatten().narrow(0, frag.lp_start, frag.lp_numel))
             if moments:
-                flat = base.param_groups[mapping.param_group_index]["params"][0]
+                flat = base.param_groups[frag.group]["params"][0]
                 state = base.state[flat]
                 for key in MOMENTS:
-                    src = local[key].flatten().narrow(0, lp.start, lp.numel)
-                    state[key].narrow(0, hp.start, hp.numel).copy_(src)
+                    src = local[key].flatten().narrow(0, frag.lp_start, frag.lp_numel)
+                    state[key].narrow(0, frag.hp_start, frag.hp_numel).copy_(src)
         elif id(param) in masters:  # ZeRO-0 bf16: a separate fp32 copy per parameter
             master = masters[id(param)]
             master.data.copy_(local["fp32"].to(master.device).view_as(master))
             if moments:
                 for key in MOMENTS:
                     base.state[master][key].copy_(local[key].to(master.device).view_as(master))
-        elif moments and not hasattr(param, "_hp_mapping") and param in base.state:
+        elif moments and not ds_compat.has_hp_mapping(param) and param in base.state:
             state = base.state[param]  # plain optimizer over the module's own parameters
             for key in MOMENTS:
                 state[key].copy_(local[key].to(param.device).view_as(param))

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megaclip.config.model import ClipConfig
@@ -25,6 +24,7 @@ from megaclip.config.parallel import ParallelConfig
 from megaclip.model.clip import ClipModel
 from megaclip.model.init import fill_local, init_parameters
 from megaclip.model.naming import to_open_clip_key
+from megaclip.parallel.deepspeed_compat import zero3_partition
 from megaclip.parallel.layers import partition_of
 from megaclip.parallel.runtime import device as accelerator_device
 from megaclip.parallel.topology import Topology
@@ -56,14 +56,12 @@ def materialize_(module: nn.Module, device: torch.device, dtype: torch.dtype) ->
 def init_zero3_partitions(module: nn.Module, cfg: ClipConfig, seed: int, tp: tuple[int, int]):
     """Fill this DP rank's ZeRO-3 partition of every parameter (padding zeroed)."""
     for name, param in module.named_parameters():
-        part = param.ds_tensor.ds_numel
-        rank = dist.get_rank(group=param.ds_process_group)
-        dest = param.ds_tensor.data.view(-1)
-        start = rank * part
-        n = max(0, min(part, param.ds_numel - start))
+        local = zero3_partition(param)
+        dest, n = local.data, local.valid
         dest[n:].zero_()
         key = to_open_clip_key(name)
-        fill_local(dest[:n], key, tuple(param.ds_shape), partition_of(param), tp, cfg, seed, start)
+        shape = tuple(param.ds_shape)
+        fill_local(dest[:n], key, shape, partition_of(param), tp, cfg, seed, local.start)
 
 
 class BuiltModule:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,7 @@ from megaclip.loss.contrastive import ClipLossOutput, clip_loss
 from megaclip.loss.siglip import siglip_loss
 from megaclip.model.naming import strip_prefix
 from megaclip.parallel import collectives
+from megaclip.parallel.deepspeed_compat import training_mode_kept, wrap_optimizer_step
 from megaclip.parallel.runtime import (
     accelerator,
     configure_backends,
@@ -86,15 +87,12 @@ def lock_tower(module: torch.nn.Module, tower: str) -> int:
     return frozen
 
 
-@contextlib.contextmanager
-def _training_mode_kept(module: torch.nn.Module):
-    """Inside, ``module.eval()`` / ``train(False)`` leave the module in training mode."""
-    original = module.train
-    module.train = lambda mode=True: original(True)  # an instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del module.train
+#: Events of :meth:`ClipEngine.add_hook`: what a hook is entered around, and its arguments.
+HOOK_EVENTS = {
+    "loss": "each global loss (with its gradients); hook(img, txt, logit)",
+    "optimizer_step": "each step of DeepSpeed's optimizer (every ZeRO stage and PP); hook()",
+}
+Hook = Callable[..., contextlib.AbstractContextManager]
 
 
 class _LastStageLoss:
@@ -183,6 +181,7 @@ class ClipEngine:
         fuse_overflow_check(self.engine.optimizer)
         self.device = device()
         self.step_count = 0
+        self._hooks: dict[str, list[Hook]] = {event: [] for event in HOOK_EVENTS}
         # "auto" left unresolved by the caller (megaclip train resolves it against the node's
         # memory): the planner's choice without a budget.
         self.schedule = choose_schedule(model_cfg, par)
@@ -190,6 +189,29 @@ class ClipEngine:
             from megaclip.pipeline.engine import enable_global_loss
 
             enable_global_loss(self.engine, self._pipeline_global_loss)
+
+    # ---------------------------------------------------------------- hooks
+
+    def add_hook(self, event: str, hook: Hook) -> None:
+        """Measure through the engine: ``hook(...)`` is entered around every ``event``.
+
+        ``event``: a key of :data:`HOOK_EVENTS` ("loss" or "optimizer_step"); the hook returns
+        a context manager (a timer, a phase of a comm counter, a snapshot) and must not change
+        what it wraps. Hooks are entered in the order they were added. For bench/ and
+        benchmarks: the engine's private methods are not patched.
+        """
+        if event not in self._hooks:
+            raise ValueError(f"unknown engine hook event '{event}' (one of {sorted(HOOK_EVENTS)})")
+        if event == "optimizer_step" and not self._hooks[event]:
+            wrap_optimizer_step(self.engine.optimizer, lambda: self._entered("optimizer_step"))
+        self._hooks[event].append(hook)
+
+    @contextlib.contextmanager
+    def _entered(self, event: str, *args):
+        with contextlib.ExitStack() as stack:
+            for hook in self._hooks[event]:
+                stack.enter_context(hook(*args))
+            yield
 
     # ---------------------------------------------------------------- helpers
 
@@ -210,8 +232,15 @@ class ClipEngine:
 
         ``logit``: [log scale] (CLIP) or [log scale, bias] (SigLIP). Gradients follow
         megaclip.loss's convention: dp x d L / d(local features), and scalar gradients whose DP
-        average is d L / d scalar, so DeepSpeed's DP averaging is exact.
+        average is d L / d scalar, so DeepSpeed's DP averaging is exact. Runs inside the
+        "loss" hooks (:meth:`add_hook`).
         """
+        if self._hooks["loss"]:
+            with self._entered("loss", img, txt, logit):
+                return self._global_loss_and_grads(img, txt, logit)
+        return self._global_loss_and_grads(img, txt, logit)
+
+    def _global_loss_and_grads(self, img: torch.Tensor, txt: torch.Tensor, logit: torch.Tensor):
         img = img.detach().float().requires_grad_(True)
         txt = txt.detach().float().requires_grad_(True)
         logit = logit.detach().float().reshape(-1).requires_grad_(True)
@@ -374,7 +403,7 @@ class ClipEngine:
         loss_fn = self.last_stage_loss
         loss_fn.collected, loss_fn.detach = [], True
         try:
-            with _training_mode_kept(engine.module):
+            with training_mode_kept(engine.module):
                 engine.eval_batch(
                     iter([(mb, dummy) for mb in batches]), reduce_output=None, bcast_loss=False
                 )

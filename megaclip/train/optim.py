@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from megaclip.parallel.deepspeed_compat import replace_overflow_scan
+
 _NO_DECAY_NAMES = ("embedding", "class_embedding", "logit_scale", "logit_bias")
 
 
@@ -88,16 +90,12 @@ def fuse_overflow_check(ds_optimizer) -> bool:
     (``CheckOverflow.has_overflow_serial``: one host read per parameter) by
     :func:`non_finite_flag` (one); its all-reduce logic is kept. Whether it applied.
     """
-    checker = getattr(ds_optimizer, "overflow_checker", None)
-    if checker is None or not hasattr(checker, "has_overflow_serial"):
-        return False
 
     def has_overflow_serial(params) -> bool:
         grads = [p.grad.data for p in params if p.grad is not None]
         return bool(non_finite_flag(grads).item())
 
-    checker.has_overflow_serial = has_overflow_serial
-    return True
+    return replace_overflow_scan(ds_optimizer, has_overflow_serial)
 
 
 def build_optimizer(
