@@ -6,8 +6,10 @@ import json
 import subprocess
 
 import pytest
+import yaml
 
 from megaclip.cli.main import main
+from megaclip.config.deepspeed import deepspeed_config
 from megaclip.config.model import load_preset
 from megaclip.config.parallel import ParallelConfig
 from megaclip.errors import ConfigError
@@ -16,13 +18,13 @@ from megaclip.perf.memory import layout_memory
 from megaclip.perf.planner import (
     PlanRequest,
     batch_options,
-    deepspeed_config,
-    launch_command,
     nothing_fits_message,
     parse_batch,
     plan,
+    plan_ds_config,
 )
 from megaclip.perf.timing import Cluster
+from megaclip.train.ds_config import resolve_ds_config
 from tests.mp_util import megaclip_cli
 
 
@@ -96,30 +98,76 @@ def test_gpus_not_multiple_of_node():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_deepspeed_accepts_the_config(precision, zero):
+def test_deepspeed_and_the_trainer_accept_the_config(precision, zero):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     # outside torch.distributed DeepSpeed assumes one rank, so validate a dp = 1 layout
     p = ParallelConfig(
         dp=1, zero_stage=zero, micro_batch_size=4, grad_accum_steps=3, precision=precision
     )
-    ds = deepspeed_config(p)
+    ds = plan_ds_config(p)
+    assert "optimizer" not in ds and "scheduler" not in ds  # megaclip builds AdamW itself
+    # The trainer takes it as written: resolving it against the same layout changes nothing.
+    assert resolve_ds_config(ds, p, gradient_clipping=1.0) == ds
     cfg = DeepSpeedConfig(ds)
     assert cfg.train_batch_size == 12 and cfg.gradient_accumulation_steps == 3
     assert cfg.zero_optimization_stage == zero
     assert cfg.gradient_clipping == 1.0 and ds["gradient_clipping"] == 1.0
     assert cfg.bfloat16_config.enabled == (precision == "bf16")
     assert cfg.float16_config.enabled == (precision == "fp16")
-    assert cfg.optimizer_name == "adamw"
+    assert cfg.optimizer_name is None
+    if zero:
+        assert cfg.zero_config.overlap_comm  # what the step-time and memory models assume
 
 
-def test_launch_command():
+def test_one_builder_for_planner_trainer_and_bench():
+    """The trainer's defaults (no DeepSpeed file) and bench's config are the builder's dict;
+    the planner's differs only by overlap_comm, and its memory model predicts that file."""
+    from megaclip.bench.harness import BenchSpec, ds_config_for
+    from megaclip.perf.memory import ds_buckets, layout_memory
+
+    cfg = load_preset("ViT-B-32")
+    for zero in (0, 1, 2, 3):
+        p = ParallelConfig(dp=4, zero_stage=zero, micro_batch_size=8, grad_accum_steps=2)
+        built = deepspeed_config(p)
+        assert resolve_ds_config({}, p) == built
+        assert ds_config_for(BenchSpec(dp=4, zero=zero, micro_batch=8, accum=2), p) == built
+        planned = plan_ds_config(p)
+        if zero:
+            assert planned["zero_optimization"].pop("overlap_comm") is True
+        assert planned | {"gradient_clipping": 0.0} == built
+        # The planner's memory (its default buckets) is that of the file it writes.
+        written = {**ds_buckets(plan_ds_config(p), p.dp), "host": False}
+        assert layout_memory(cfg, p, buckets=written) == layout_memory(
+            cfg, p, buckets={**ds_buckets(None), "host": False}
+        )
+
+
+def test_run_overlay_keeps_the_train_config_and_sets_model_and_layout(tmp_path):
+    from megaclip.cli.plan import run_overlay
+    from megaclip.config.train import load_run_config
+
+    train = tmp_path / "train.yaml"
+    train.write_text(
+        "model: ViT-B-32\nparallel: {tp: 4}\ndeepspeed: ds_configs/zero1_fp32.json\n"
+        "optim: {lr: 0.002}\ntrain: {steps: 7}\n"
+    )
+    p = ParallelConfig(dp=2, zero_stage=2, micro_batch_size=4, schedule="keep")
+    data = run_overlay(p, "tiny", load_preset("tiny"), str(train))
+    assert "deepspeed" not in data and data["model"] == "tiny"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    run = load_run_config(tmp_path / "run.yaml")
+    assert run.parallel == p and run.optim.lr == 0.002 and run.train.steps == 7
+    assert run.model == load_preset("tiny")
+
+
+def test_launch_argv():
+    from megaclip.cli.plan import launch_argv
+
     p = ParallelConfig(tp=2, pp=4, dp=32, zero_stage=1, micro_batch_size=8, grad_accum_steps=5)
-    cmd = launch_command(p, 8)
-    assert cmd.startswith("deepspeed --hostfile hostfile --num_nodes 32 --num_gpus 8 --module ")
-    assert "megaclip.cli.main train --config train.yaml --deepspeed ds_config.json" in cmd
-    for part in ("parallel.tp=2", "parallel.pp=4", "parallel.dp=32", "parallel.zero_stage=1"):
-        assert part in cmd
+    cmd = " ".join(launch_argv(p, 8))
+    assert cmd.startswith("python -m megaclip.cli.launch --launcher deepspeed --hostfile hostfile")
+    assert "--num-nodes 32 --gpus-per-node 8 --config run.yaml --ds-config ds_config.json" in cmd
 
 
 # ------------------------------------------------------------------ CLI (subprocess)
@@ -141,9 +189,15 @@ def test_cli_table_and_out_dir(tmp_path):
     assert [line.split()[0] for line in lines[header + 1 : header + 4]] == ["1", "2", "3"]
     ds = json.loads((tmp_path / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 163840 and ds["gradient_clipping"] == 1.0
-    assert ds["bf16"] == {"enabled": True} and ds["optimizer"]["type"] == "AdamW"
+    assert ds["bf16"] == {"enabled": True} and "optimizer" not in ds
     launch = (tmp_path / "launch.sh").read_text()
-    assert "--num_nodes 128 --num_gpus 8" in launch
+    assert "--num-nodes 128\n              --gpus-per-node 8" in launch
+    assert not (tmp_path / "hostfile").exists()  # several nodes: the user's hostfile
+    run = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    assert (
+        run["model"] == "ViT-G-14"
+        and run["parallel"]["dp"] * run["parallel"]["tp"] * run["parallel"]["pp"] == 1024
+    )
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["plans"][0]["global_batch"] == 163840
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from megaclip.config.deepspeed import deepspeed_config
 from megaclip.config.model import ClipConfig, resolve_model
 from megaclip.config.parallel import ParallelConfig
 from megaclip.config.train import LOSS_CHUNK_SIZE
@@ -106,9 +107,10 @@ def step_batches(
         yield [next(it) for _ in range(par.grad_accum_steps)]
 
 
-def ds_config_for(spec: BenchSpec) -> dict[str, Any]:
-    """DeepSpeed config of a benchmark: megaclip fills batch/precision/ZeRO; overrides on top."""
-    ds: dict[str, Any] = {"zero_optimization": {"stage": spec.zero}}
+def ds_config_for(spec: BenchSpec, par: ParallelConfig | None = None) -> dict[str, Any]:
+    """DeepSpeed config of a benchmark: the one builder's for its layout (``par``, default
+    ``spec.parallel(spec.world_size())``; megaclip.config.deepspeed), ``ds_overrides`` on top."""
+    ds = deepspeed_config(par if par is not None else spec.parallel(spec.world_size()))
     for key, value in spec.ds_overrides.items():
         if isinstance(value, dict) and isinstance(ds.get(key), dict):
             ds[key] = {**ds[key], **value}
@@ -137,7 +139,7 @@ def build_engine(spec: BenchSpec, topo, cfg: ClipConfig | None = None):
         cfg,
         topo.par,
         topo,
-        ds_config_for(spec),
+        ds_config_for(spec, topo.par),
         OptimConfig(),
         seed=spec.seed,
         loss_chunk_size=spec.loss_chunk_size,

@@ -2,7 +2,8 @@
 
 Examples:
     megaclip plan --model ViT-G-14 --gpus 1024 --gpu a100-40gb --global-batch 160k
-    megaclip plan --model ViT-G-14 --gpus 256 --gpu h100-80gb --out-dir plan/   # + ds_config.json
+    megaclip plan --model ViT-G-14 --gpus 256 --gpu h100-80gb --out-dir plan/   # files, below
+    bash plan/launch.sh train.steps=1000      # trains the best layout (deepspeed launcher)
     megaclip plan --calibrate                                                  # model vs papers
 """
 
@@ -10,12 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from megaclip.cli.common import add_documented
 from megaclip.config.model import resolve_model
+from megaclip.config.parallel import ParallelConfig
+from megaclip.config.schema import load_mapping, to_dict
 from megaclip.errors import ConfigError
 from megaclip.model.flops import model_cost
 from megaclip.perf.calibration import (
@@ -32,11 +40,10 @@ from megaclip.perf.planner import (
     GIB,
     PlanRequest,
     PlanResult,
-    deepspeed_config,
-    launch_command,
     nothing_fits_message,
     parse_batch,
     plan,
+    plan_ds_config,
 )
 from megaclip.perf.timing import Cluster
 
@@ -57,7 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out-dir", help="write ds_config.json, launch.sh and plan.json of the best")
+    p.add_argument(
+        "--out-dir",
+        help="write the best layout's ds_config.json, run.yaml, launch.sh (+ hostfile on one "
+        "node) and plan.json: `bash DIR/launch.sh` trains it",
+    )
     p.add_argument("--gpus-per-node", type=int, help="default: the GPU kind's usual node (8)")
     p.add_argument("--internode-gbps", type=float, help="network GB/s per GPU per direction")
     p.add_argument(
@@ -75,7 +86,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--matmul-eff", type=float, help="override the calibrated matmul efficiency")
     p.add_argument("--memory-eff", type=float, help="override the calibrated memory efficiency")
-    p.add_argument("--train-config", default="train.yaml", help="config named in launch command")
+    p.add_argument(
+        "--train-config",
+        help="run config (data, optim, train) that --out-dir's run.yaml copies, with the plan's "
+        "model and parallel sections (default: none, synthetic data)",
+    )
     p.add_argument(
         "--calibrate", action="store_true", help="show the model against the published runs"
     )
@@ -122,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(result, args.top, args.global_batch)
     if args.out_dir:
-        written = _write_out(result, Path(args.out_dir), args.train_config, args.top)
+        written = _write_out(result, Path(args.out_dir), args.model, args.train_config, args.top)
         if not args.json:
             print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
@@ -154,8 +169,8 @@ def _as_json(result: PlanResult, top: int) -> dict[str, object]:
     best = result.best
     out["best_memory_per_stage"] = [m.as_dict() for m in best.memory]
     out["best_step"] = best.time.as_dict() if best.time else None
-    out["deepspeed_config"] = deepspeed_config(best.par)
-    out["launch"] = launch_command(best.par, result.request.cluster.node_size)
+    out["deepspeed_config"] = plan_ds_config(best.par)
+    out["launch"] = shlex.join(launch_argv(best.par, result.request.cluster.node_size))
     return out
 
 
@@ -204,29 +219,131 @@ def _print_table(result: PlanResult, top: int, batch_text: str) -> None:
         f"{t.bubble_s:.2f} + loss {t.loss_s:.2f} + DP exposed {t.dp_exposed_s:.2f} + optimizer "
         f"{t.optimizer_s:.2f} = {t.total_s:.2f} s/step"
     )
-    print("launch: " + launch_command(best.par, req.cluster.node_size))
+    print("launch: " + shlex.join(launch_argv(best.par, req.cluster.node_size)))
 
 
 SCHEDULE_SHORT = {"keep": "keep", "recompute": "recmp", "auto": "auto"}
 
 
-def _write_out(result: PlanResult, out: Path, train_config: str, top: int) -> list[Path]:
+def _nodes(par: ParallelConfig, node_size: int) -> tuple[int, int]:
+    """(nodes, processes per node) of a layout on nodes of ``node_size`` GPUs."""
+    return max(1, math.ceil(par.world_size / node_size)), min(par.world_size, node_size)
+
+
+def launch_argv(
+    par: ParallelConfig,
+    node_size: int,
+    config: str = "run.yaml",
+    ds_config: str = "ds_config.json",
+    hostfile: str = "hostfile",
+) -> list[str]:
+    """The command that trains layout ``par``: ``python -m megaclip.cli.launch`` (the one
+    launch-command builder, megaclip.launch.plan) for the deepspeed launcher over a hostfile;
+    the layout itself is in ``config`` (run.yaml), parallel.dp is derived again at launch."""
+    nodes, per_node = _nodes(par, node_size)
+    return [
+        "python", "-m", "megaclip.cli.launch", "--launcher", "deepspeed",
+        "--hostfile", hostfile, "--num-nodes", str(nodes), "--gpus-per-node", str(per_node),
+        "--config", config, "--ds-config", ds_config,
+    ]  # fmt: skip
+
+
+def run_overlay(
+    par: ParallelConfig, model: str, model_cfg: Any, train_config: str | None
+) -> dict[str, Any]:
+    """run.yaml: ``train_config`` (if any) with the plan's ``model`` and ``parallel`` sections.
+
+    A preset name stays a name; a model file is written out as its mapping (no path to go
+    stale). Its ``deepspeed`` key is dropped: launch.sh passes the plan's ds_config.json.
+    """
+    data = load_mapping(train_config) if train_config else {}
+    data.pop("deepspeed", None)
+    data["model"] = to_dict(model_cfg) if model.endswith((".yaml", ".yml", ".json")) else model
+    data["parallel"] = to_dict(par)
+    return data
+
+
+_LAUNCH_SH = """#!/usr/bin/env bash
+# written by `megaclip plan` for {what}
+# Trains it: the layout is in run.yaml, the DeepSpeed config in ds_config.json (both beside this
+# file); arguments go to `megaclip train` (key=value overrides, e.g. train.steps=100).
+#   bash launch.sh                    the deepspeed launcher over $HOSTFILE ({hostfile_default})
+#   LAUNCHER=torchrun bash launch.sh  one torchrun agent per node (NODE_RANK, MASTER_ADDR)
+#   DRY_RUN=1 bash launch.sh          print the launch plan, run nothing
+# Also MASTER_PORT, PYTHON, DEEPSPEED / TORCHRUN (the launcher program), as in launch/*.sh.
+set -euo pipefail
+HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+PYTHON="${{PYTHON:-python}}"
+case "${{LAUNCHER:-deepspeed}}" in
+    deepspeed)
+        if [[ -z "${{DEEPSPEED:-}}" ]]; then
+            if command -v deepspeed >/dev/null 2>&1; then DEEPSPEED=deepspeed
+            else DEEPSPEED="$PYTHON -m deepspeed.launcher.runner"; fi
+        fi
+        opts=(--launcher deepspeed --hostfile "${{HOSTFILE:-{hostfile}}}" --num-nodes {nodes}
+              --gpus-per-node {per_node} --launcher-cmd "$DEEPSPEED")
+        [[ -z "${{MASTER_ADDR:-}}" ]] || opts+=(--master-addr "$MASTER_ADDR") ;;
+    torchrun)
+        if [[ -z "${{TORCHRUN:-}}" ]]; then
+            if command -v torchrun >/dev/null 2>&1; then TORCHRUN=torchrun
+            else TORCHRUN="$PYTHON -m torch.distributed.run"; fi
+        fi
+        opts=(--launcher torchrun --nnodes {nodes} --nproc-per-node {per_node}
+              --node-rank "${{NODE_RANK:-0}}" --master-addr "${{MASTER_ADDR:-127.0.0.1}}"
+              --launcher-cmd "$TORCHRUN") ;;
+    *) echo "launch.sh: LAUNCHER must be deepspeed or torchrun, got '$LAUNCHER'" >&2; exit 2 ;;
+esac
+case "${{DRY_RUN:-0}}" in 0 | "" | false | no) ;; *) opts+=(--dry-run) ;; esac
+exec "$PYTHON" -m megaclip.cli.launch "${{opts[@]}}" --master-port "${{MASTER_PORT:-29500}}" \
+    --python "$PYTHON" --config "$HERE/run.yaml" --ds-config "$HERE/ds_config.json" -- "$@"
+"""
+
+
+def _write_out(
+    result: PlanResult, out: Path, model: str, train_config: str | None, top: int
+) -> list[Path]:
+    """The best layout as files `megaclip train` runs as written (docs/planner.md)."""
     out.mkdir(parents=True, exist_ok=True)
-    best = result.best
+    best, req = result.best, result.request
     ds_path = out / "ds_config.json"
-    ds_path.write_text(json.dumps(deepspeed_config(best.par), indent=2) + "\n")
+    ds_path.write_text(json.dumps(plan_ds_config(best.par), indent=2) + "\n")
+    run_path = out / "run.yaml"
+    overlay = yaml.safe_dump(run_overlay(best.par, model, req.model, train_config), sort_keys=False)
+    source = f" over {train_config}" if train_config else ""
+    run_path.write_text(
+        f"# written by `megaclip plan`{source}: the planned model and layout\n"
+        "# megaclip train --config run.yaml --deepspeed ds_config.json (or bash launch.sh)\n"
+        + overlay
+    )
+    nodes, per_node = _nodes(best.par, req.cluster.node_size)
+    written = [ds_path, run_path]
+    hostfile = "hostfile"
+    if nodes == 1:  # one node: a hostfile for this machine, so launch.sh runs as written
+        host_path = out / "hostfile"
+        host_path.write_text(f"localhost slots={per_node}\n")
+        hostfile = "$HERE/hostfile"
+        written.append(host_path)
+    hostfile_default = "the hostfile beside this file" if nodes == 1 else "./hostfile"
+    p = best.par
+    what = (
+        f"{req.model.name} on {req.cluster.gpus} x {req.cluster.device.name}: tp {p.tp} x pp "
+        f"{p.pp} x dp {p.dp}, ZeRO-{p.zero_stage}, micro-batch {p.micro_batch_size} x accum "
+        f"{p.grad_accum_steps}, {p.precision}, schedule {p.schedule}"
+    )
     launch = out / "launch.sh"
-    cmd = launch_command(best.par, result.request.cluster.node_size, train_config, str(ds_path))
     launch.write_text(
-        "#!/usr/bin/env bash\n"
-        f"# written by `megaclip plan` for {result.request.model.name} on "
-        f"{result.request.cluster.gpus} x {result.request.cluster.device.name}\n"
-        f"set -euo pipefail\n{cmd}\n"
+        _LAUNCH_SH.format(
+            what=what,
+            hostfile=hostfile,
+            hostfile_default=hostfile_default,
+            nodes=nodes,
+            per_node=per_node,
+        )
     )
     os.chmod(launch, 0o755)
     plan_path = out / "plan.json"
     plan_path.write_text(json.dumps(_as_json(result, top), indent=2) + "\n")
-    return [ds_path, launch, plan_path]
+    return [*written, launch, plan_path]
 
 
 def _run_memory(run_dir: str, as_json: bool) -> int:

@@ -35,6 +35,22 @@ def check_tensor_parallel(cfg: ClipConfig, tp: int) -> None:
         )
 
 
+def derive_dp(world: int, tp: int, pp: int) -> int:
+    """Data-parallel size dp = world / (tp * pp); raise if the world does not divide.
+
+    The one tp/pp/world rule: launch plans (megaclip.launch, no torch) derive dp with it and
+    :meth:`ParallelConfig.check_world` checks a launched world with it.
+    """
+    model_parallel = tp * pp
+    if world < 1 or world % model_parallel:
+        raise ConfigError(
+            f"{world} processes cannot be split into model-parallel groups of tp {tp} x pp {pp} = "
+            f"{model_parallel}; launch a multiple of {model_parallel} processes (nodes x GPUs per "
+            "node) or change parallel.tp / parallel.pp"
+        )
+    return world // model_parallel
+
+
 def forward_passes(schedule: str, pp: int, accum: int) -> int:
     """Forward passes per micro-batch and step under a resolved schedule ("keep"/"recompute"):
     2 when a no-grad feature pass runs first (recompute; at PP = 1 only with accumulation)."""
@@ -113,13 +129,8 @@ class ParallelConfig:
     def check_world(self, world_size: int) -> None:
         """Raise if the launched world size differs from tp * pp * dp."""
         if world_size != self.world_size:
-            model_parallel = self.tp * self.pp
-            fix = (
-                f"set parallel.dp = {world_size // model_parallel}"
-                if world_size % model_parallel == 0
-                else f"launch a multiple of tp * pp = {model_parallel} processes"
-            )
+            dp = derive_dp(world_size, self.tp, self.pp)  # raises unless tp * pp divides it
             raise ConfigError(
                 f"launched {world_size} processes but tp * pp * dp = {self.tp} * {self.pp} * "
-                f"{self.dp} = {self.world_size}; {fix}"
+                f"{self.dp} = {self.world_size}; set parallel.dp = {dp}"
             )

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+# config/ imports no torch at module import: the one tp/pp/world rule is usable here.
+from megaclip.config.parallel import derive_dp
 from megaclip.errors import ConfigError
 
 DEFAULT_MODULE = "megaclip.cli.main"
@@ -201,18 +203,6 @@ def split_tp_groups(blocks: Sequence[range], tp: int) -> list[tuple[int, int]]:
         for g in range(0, world - world % tp, tp)
         if node_of[g] != node_of[g + tp - 1]
     ]
-
-
-def derive_dp(world: int, tp: int, pp: int) -> int:
-    """Data-parallel size dp = world / (tp * pp); raise if the world does not divide."""
-    model_parallel = tp * pp
-    if world < 1 or world % model_parallel:
-        raise ConfigError(
-            f"{world} processes cannot be split into model-parallel groups of tp {tp} x pp {pp} = "
-            f"{model_parallel}; launch a multiple of {model_parallel} processes (nodes x GPUs per "
-            "node) or change parallel.tp / parallel.pp"
-        )
-    return world // model_parallel
 
 
 def is_override(arg: str) -> bool:

@@ -75,23 +75,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+# The buckets and ZeRO-3 limits megaclip writes into DeepSpeed configs (the one builder).
+from megaclip.config.deepspeed import BUCKET_ELEMS, ZERO3_GRAD_BUFFER_ELEMS, ZERO3_LIVE_ELEMS
 from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.errors import ConfigError
 from megaclip.parallel.shapes import check_tensor_parallel
 from megaclip.pipeline.partition import StageRanges, partition
 
-#: DeepSpeed buckets written by the planner's config (elements): reduce/all-gather bucket size.
-BUCKET_ELEMS = 50_000_000
 #: DeepSpeed's fallback all-reduce buffer for ZeRO-0 wrappers (MEMORY_OPT_ALLREDUCE_SIZE).
 ALLREDUCE_FALLBACK_ELEMS = 500_000_000
 #: DeepSpeed 0.19.8's own default reduce/all-gather bucket (elements), used when a config sets none.
 DEEPSPEED_DEFAULT_BUCKET_ELEMS = 500_000_000
-#: ZeRO-3 settings megaclip writes when a DeepSpeed config leaves them out (train/ds_config.py):
-#: the elements of the fp32 gradient buffer (sub_group_size = this / dp), and of gathered
-#: parameters kept alive at once (stage3_max_live_parameters, stage3_max_reuse_distance).
-ZERO3_GRAD_BUFFER_ELEMS = 100_000_000
-ZERO3_LIVE_ELEMS = 100_000_000
 #: Column chunk of the chunked contrastive loss (an assumption; the loss module may differ).
 LOSS_CHUNK = 8192
 

@@ -22,11 +22,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from megaclip.config.deepspeed import deepspeed_config
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
+from megaclip.config.train import OptimConfig
 from megaclip.errors import ConfigError
 from megaclip.perf.calibration import CALIBRATED
-from megaclip.perf.memory import BUCKET_ELEMS, StageMemory, default_stages, layout_memory
+from megaclip.perf.memory import StageMemory, default_stages, layout_memory
 from megaclip.perf.timing import Cluster, Efficiency, StepTime, Workload, step_time
 
 GIB = 2**30
@@ -288,65 +290,9 @@ def nothing_fits_message(result: PlanResult) -> str:
     )
 
 
-def deepspeed_config(par: ParallelConfig, steps_per_print: int = 100) -> dict[str, object]:
-    """The DeepSpeed JSON config of a layout (batch, precision, ZeRO, clipping, AdamW)."""
-    zero: dict[str, object] = {"stage": par.zero_stage}
-    if par.zero_stage >= 1:
-        zero |= {
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "reduce_scatter": True,
-            "reduce_bucket_size": BUCKET_ELEMS,
-            "allgather_bucket_size": BUCKET_ELEMS,
-        }
-    if par.zero_stage == 3:
-        zero |= {"stage3_prefetch_bucket_size": BUCKET_ELEMS}
-    ds: dict[str, object] = {
-        "train_batch_size": par.global_batch_size,
-        "train_micro_batch_size_per_gpu": par.micro_batch_size,
-        "gradient_accumulation_steps": par.grad_accum_steps,
-        "gradient_clipping": 1.0,
-        "steps_per_print": steps_per_print,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2},
-        },
-        "zero_optimization": zero,
-        "wall_clock_breakdown": False,
-    }
-    if par.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif par.precision == "fp16":
-        ds["fp16"] = {
-            "enabled": True,
-            "loss_scale": 0,
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        }
-    return ds
-
-
-def launch_command(
-    par: ParallelConfig,
-    node_size: int,
-    train_config: str = "train.yaml",
-    ds_config: str = "ds_config.json",
-) -> str:
-    """The ``deepspeed`` launcher command that trains with layout ``par``."""
-    world = par.world_size
-    nodes = max(1, math.ceil(world / node_size))
-    per_node = min(world, node_size)
-    overrides = (
-        f"parallel.tp={par.tp} parallel.pp={par.pp} parallel.dp={par.dp} "
-        f"parallel.zero_stage={par.zero_stage} parallel.micro_batch_size={par.micro_batch_size} "
-        f"parallel.grad_accum_steps={par.grad_accum_steps} parallel.precision={par.precision} "
-        f"parallel.activation_checkpointing={str(par.activation_checkpointing).lower()} "
-        f"parallel.schedule={par.schedule}"
-    )
-    return (
-        f"deepspeed --hostfile hostfile --num_nodes {nodes} --num_gpus {per_node} "
-        f"--module megaclip.cli.main train --config {train_config} --deepspeed {ds_config} "
-        f"{overrides}"
-    )
+def plan_ds_config(par: ParallelConfig) -> dict[str, object]:
+    """The DeepSpeed config `megaclip plan --out-dir` writes for ``par``: the one builder's
+    (:func:`megaclip.config.deepspeed.deepspeed_config`), with ``overlap_comm`` on, as the step
+    time (DP reductions under the backward) and the memory model (two reduce buckets) assume,
+    and ``optim.grad_clip``'s default clipping (`megaclip train` sets it from the run config)."""
+    return deepspeed_config(par, OptimConfig().grad_clip, overlap_comm=True)

@@ -1,5 +1,5 @@
 """DeepSpeed JSON configs: load, check the sections megaclip reads, cross-check against megaclip's
-layout, fill batch sizes."""
+layout, fill what they leave out from the one builder (megaclip.config.deepspeed)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from megaclip.config.deepspeed import REFUSED_KEYS, deepspeed_config
 from megaclip.config.parallel import ParallelConfig
 from megaclip.config.schema import is_file
 from megaclip.errors import ConfigError
-from megaclip.perf.memory import BUCKET_ELEMS, ZERO3_GRAD_BUFFER_ELEMS, ZERO3_LIVE_ELEMS
 
 _PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
 
@@ -80,28 +80,6 @@ def ds_precision(ds: dict[str, Any]) -> str:
     return enabled[0] if enabled else "fp32"
 
 
-def zero_memory_defaults(par: ParallelConfig) -> dict[str, int]:
-    """``zero_optimization`` settings megaclip fills in when the JSON leaves them out.
-
-    Bucket sizes: :data:`BUCKET_ELEMS`. ZeRO-3: DeepSpeed 0.19.8 allocates its fp32 gradient
-    buffer with the *full* (unpartitioned) size of the largest optimizer sub-group, i.e. 4 bytes
-    per model parameter on every rank with its default ``sub_group_size`` of 1e9; sub-groups of
-    ``ZERO3_GRAD_BUFFER_ELEMS / dp`` partition elements cap it at 4 x 1e8 bytes. Its default
-    ``stage3_max_live_parameters`` / ``max_reuse_distance`` of 1e9 keep up to 1e9 gathered
-    parameters alive between uses (the whole of ViT-L, measured +0.9 GiB per rank from step 2):
-    :data:`ZERO3_LIVE_ELEMS` bounds the gathered working set instead.
-    """
-    if par.zero_stage == 0:
-        return {}
-    out = {"reduce_bucket_size": BUCKET_ELEMS, "allgather_bucket_size": BUCKET_ELEMS}
-    if par.zero_stage == 3:
-        out["sub_group_size"] = max(1, ZERO3_GRAD_BUFFER_ELEMS // par.dp)
-        out["stage3_prefetch_bucket_size"] = BUCKET_ELEMS
-        out["stage3_max_live_parameters"] = ZERO3_LIVE_ELEMS
-        out["stage3_max_reuse_distance"] = ZERO3_LIVE_ELEMS
-    return out
-
-
 def resolve_ds_config(
     ds: dict[str, Any], par: ParallelConfig, gradient_clipping: float | None = None
 ) -> dict[str, Any]:
@@ -109,16 +87,15 @@ def resolve_ds_config(
 
     Batch sizes may be omitted or "auto"; given numbers must equal megaclip's
     (train_batch_size = micro x grad-accum x dp). Precision and ZeRO stage, if set in the JSON,
-    must match ``parallel.precision`` / ``parallel.zero_stage``; if absent they are filled in.
+    must match ``parallel.precision`` / ``parallel.zero_stage``. Every key the JSON leaves out
+    comes from :func:`megaclip.config.deepspeed.deepspeed_config` (the one builder), so
+    ``resolve_ds_config({}, par)`` is that builder's dict; ``optimizer`` / ``scheduler`` are
+    refused. ``gradient_clipping`` (``optim.grad_clip``), when given, replaces the JSON's.
     """
     out = copy.deepcopy(ds)
-    expected = {
-        "train_micro_batch_size_per_gpu": par.micro_batch_size,
-        "gradient_accumulation_steps": par.grad_accum_steps,
-        "train_batch_size": par.global_batch_size,
-    }
-    for key, want in expected.items():
-        got = out.get(key, "auto")
+    built = deepspeed_config(par, 0.0 if gradient_clipping is None else gradient_clipping)
+    for key in _DS_BATCH_KEYS:
+        got, want = out.get(key, "auto"), built[key]
         if got != "auto" and got != want:
             raise ConfigError(
                 f"DeepSpeed config sets {key}={got} but megaclip's layout gives {want} "
@@ -133,33 +110,24 @@ def resolve_ds_config(
                 f"DeepSpeed config trains in {got} but parallel.precision is {par.precision}; "
                 "make them agree"
             )
-    elif par.precision != "fp32":
-        out[par.precision] = {"enabled": True}
-    if par.precision == "fp16":
-        out["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
-    zero = out.setdefault("zero_optimization", {})
-    stage = zero.get("stage", par.zero_stage)
+    stage = out.get("zero_optimization", {}).get("stage", par.zero_stage)
     if stage != par.zero_stage:
         raise ConfigError(
             f"DeepSpeed config uses ZeRO stage {stage} but parallel.zero_stage is "
             f"{par.zero_stage}; make them agree"
         )
-    zero["stage"] = stage
-    for key, value in zero_memory_defaults(par).items():
-        zero.setdefault(key, value)
-    if par.pp > 1 and stage > 1:
-        raise ConfigError(
-            f"ZeRO stage {stage} is incompatible with pipeline parallelism (pp={par.pp})"
-        )
-    if "optimizer" in out or "scheduler" in out:
+    # (ZeRO > 1 with pp > 1 is refused by ParallelConfig itself: the stages now agree.)
+    if any(k in out for k in REFUSED_KEYS):
         raise ConfigError(
             "DeepSpeed config defines 'optimizer'/'scheduler': megaclip builds AdamW and its "
             "schedule from the training config (train.lr, train.warmup_steps...); remove them"
         )
     if gradient_clipping is not None:
         out["gradient_clipping"] = gradient_clipping
-    # DeepSpeed 0.19 silently defaults to clipping at 1.0: always make it explicit.
-    out.setdefault("gradient_clipping", 0.0)
-    out.setdefault("steps_per_print", 10**9)
-    out.setdefault("wall_clock_breakdown", False)
+    for key, value in built.items():  # what the JSON leaves out, one section level deep
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            for sub, v in value.items():
+                out[key].setdefault(sub, v)
     return out
