@@ -170,3 +170,20 @@ def test_peaks():
     assert datasheet_peak("cpu", "fp32") is None
     probe = probe_matmul("fp32", size=64, repeats=2)
     assert probe.flops > 0 and probe.source == "probe:fp32:64^3"
+
+
+def test_cpu_probe_is_small_where_bf16_is_emulated(monkeypatch):
+    """The start-up MFU probe and bench's cross probe use 512^3 for emulated bf16 (issue 25)."""
+    from megaclip.train import metrics
+
+    monkeypatch.setattr(metrics, "cpu_has_native_bf16", lambda: False)
+    assert metrics.cpu_probe_size("bf16", 2048) == 512
+    assert metrics.cpu_probe_size("bf16", 256) == 256
+    assert metrics.cpu_probe_size("fp32", 2048) == 2048
+    seen = []
+    monkeypatch.setattr(metrics, "probe_matmul", lambda p, size, *a: seen.append(size))
+    metrics.device_peak("bf16", torch.device("cpu"))
+    metrics.device_peak("fp32", torch.device("cpu"))
+    assert seen == [512, 2048]
+    monkeypatch.setattr(metrics, "cpu_has_native_bf16", lambda: True)
+    assert metrics.cpu_probe_size("bf16", 2048) == 2048

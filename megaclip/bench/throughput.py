@@ -53,7 +53,7 @@ from megaclip.model.flops import model_cost
 from megaclip.parallel import collectives
 from megaclip.perf.memory import choose_schedule
 from megaclip.perf.throughput import analytic_bubble, hardware_flops_factor, median, throughput
-from megaclip.train.metrics import cpu_has_native_bf16, device_peak, probe_matmul
+from megaclip.train.metrics import cpu_probe_size, device_peak, probe_matmul
 
 
 def instrument(engine, counter: CommCounter | None) -> dict[str, Timer]:
@@ -74,14 +74,6 @@ def _groups(topo) -> dict[str, list[int]]:
     }
 
 
-def _cross_probe_size(precision: str, size: int) -> int:
-    """The GEMM size of the CPU probe of the other precision: at most 512 for bf16 where the CPU
-    emulates it (five 2048^3 emulated products took minutes on an AVX2 EPYC)."""
-    if precision == "bf16" and not cpu_has_native_bf16():
-        return min(size, 512)
-    return size
-
-
 def run_throughput(
     spec: BenchSpec,
     counter: CommCounter | None = None,
@@ -90,7 +82,8 @@ def run_throughput(
     probe_repeats: int = 5,
 ) -> dict[str, Any] | None:
     """Build, warm up and time ``spec`` on the launched world; rank 0 gets the result dict."""
-    from megaclip.parallel.runtime import accelerator, init_distributed
+    from megaclip.parallel.device import accelerator
+    from megaclip.parallel.runtime import init_distributed
     from megaclip.parallel.topology import Topology
 
     quiet_deepspeed()
@@ -148,7 +141,7 @@ def run_throughput(
                 peak.flops
                 if precision == par.precision
                 else probe_matmul(
-                    precision, _cross_probe_size(precision, probe_size), probe_repeats
+                    precision, cpu_probe_size(precision, probe_size), probe_repeats
                 ).flops
             ) / 1e12
     mine = {
