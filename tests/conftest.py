@@ -10,3 +10,8 @@ from hypothesis import settings
 settings.register_profile("megaclip", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "megaclip"))
+
+# MEGACLIP_SPREAD_LOG=FILE: record how much of each exactness bound is used (tests/spread.py)
+from tests import spread  # noqa: E402
+
+spread.install()

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from tests import spread
 from tests.mp_util import torchrun
 from tests.reference import OPTIM, reference_run
 
@@ -38,6 +39,7 @@ def _compare_moments(exp_avg, ref_exp_avg, rtol):
     assert set(exp_avg) == set(ref_exp_avg)
     for key, want in ref_exp_avg.items():
         err = (exp_avg[key].reshape(want.shape) - want).norm()
+        spread.record("exp_avg", err, rtol * want.norm())
         assert err <= rtol * want.norm(), (key, float(err / want.norm()))
 
 
@@ -59,6 +61,7 @@ def _compare(
     _compare_moments(exp_avg, ref.exp_avg, rtol=1e-4)
     assert len(losses) == len(ref_losses)
     for got, want in zip(losses, ref_losses):
+        spread.record("loss", abs(got - want), loss_rtol * abs(want))
         assert abs(got - want) <= loss_rtol * abs(want), (losses, ref_losses)
     assert set(state) == set(ref_state)
     for key, want in ref_state.items():
@@ -68,9 +71,12 @@ def _compare(
             # turns fp32 rounding noise into steps of up to lr: compare q and v strictly, and k
             # only to within lr per step.
             q, k, v = (got - want).abs().chunk(3)
+            spread.record("weights", max(q.max(), v.max()), param_atol)
+            spread.record("k_bias", k.max(), OPTIM["lr"] * STEPS)
             assert max(q.max(), v.max()) <= param_atol, key
             assert k.max() <= OPTIM["lr"] * STEPS, key
             continue
+        spread.record("weights", (got - want).abs().max(), param_atol)
         assert (got - want).abs().max() <= param_atol, key
 
 
@@ -134,6 +140,7 @@ def test_bf16_trains_close_to_fp32_reference(tmp_path, world, tp, pp, zero):
     ref = reference_run(MODEL, micro * accum * world // (tp * pp), STEPS, SEED)
     assert ref.losses[0] - ref.losses[-1] > 0.2 * ref.losses[0]  # the steps do learn
     for got, want in zip(losses, ref.losses, strict=True):
+        spread.record("loss", abs(got - want), 0.02 * abs(want))
         assert abs(got - want) <= 0.02 * abs(want), (losses, ref.losses)
     _compare_moments(exp_avg, ref.exp_avg, rtol=0.35)
 
@@ -170,6 +177,9 @@ def test_recompute_schedule_replays_patch_dropout(tmp_path, world, pp):
         out.mkdir()
         runs[schedule] = _run(out, world, schedule=schedule, **common)
     (lk, sk, _), (lr, sr, _) = runs["keep"], runs["recompute"]
+    for a, b in zip(lk, lr, strict=True):
+        spread.record("loss", abs(a - b), max(1e-6, 1e-6 * abs(b)))  # as pytest.approx
     assert lk == pytest.approx(lr, rel=1e-6, abs=1e-6)
     for key, want in sk.items():
+        spread.record("weights", (sr[key] - want).abs().max(), 1e-6)
         assert (sr[key] - want).abs().max() <= 1e-6, key
