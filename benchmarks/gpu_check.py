@@ -89,7 +89,7 @@ def _collectives_check(topo) -> dict:
     import torch.distributed as dist
 
     from megaclip.parallel import collectives as c
-    from megaclip.parallel.runtime import device
+    from megaclip.parallel.device import device
 
     dev = device()
     backend = c.backend_of(None)
@@ -130,7 +130,8 @@ def stage_engine(sz: dict) -> dict:
     from megaclip.config.model import resolve_model
     from megaclip.config.parallel import ParallelConfig
     from megaclip.data.synthetic import synthetic_batch
-    from megaclip.parallel.runtime import accelerator, device, init_distributed
+    from megaclip.parallel.device import accelerator, device
+    from megaclip.parallel.runtime import init_distributed
     from megaclip.parallel.topology import Topology
     from megaclip.train.engine import ClipEngine, OptimConfig
 

@@ -246,7 +246,7 @@ def print_result(r: dict) -> None:
 def resolve_device(name: str) -> torch.device:
     """'cpu', 'cuda[:n]', or 'auto': the accelerator's device (megaclip.parallel.runtime)."""
     if name == "auto":
-        from megaclip.parallel.runtime import device
+        from megaclip.parallel.device import device
 
         return device()
     return torch.device(name)

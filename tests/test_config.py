@@ -7,9 +7,10 @@ import json
 import pytest
 
 from megaclip.config.model import ClipConfig, list_presets, load_preset, resolve_model
+from megaclip.config.parallel import check_tensor_parallel
 from megaclip.config.schema import apply_overrides, load_mapping
 from megaclip.errors import ConfigError
-from megaclip.parallel.shapes import check_tensor_parallel, shard, unshard
+from megaclip.parallel.shapes import shard, unshard
 
 
 def test_presets_load_and_alias():

@@ -10,15 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from megaclip.model.naming import strip_prefix
-
 # (name suffix pattern, partition dim, stride): megaclip's ColumnLinear / RowLinear layers.
 _TP_RULES: tuple[tuple[re.Pattern[str], int, int], ...] = (
     (re.compile(r"\.attn\.qkv\.(weight|bias)$"), 0, 3),  # column-parallel, [q; k; v] stacked
     (re.compile(r"\.mlp\.c_fc\.(weight|bias)$"), 0, 1),  # column-parallel
     (re.compile(r"\.(attn\.out_proj|mlp\.c_proj)\.weight$"), 1, 1),  # row-parallel
 )
-_STAGE = re.compile(r"^(\d+)\.")
 _TAG = re.compile(r"^step-(\d+)(?:-(\d+))?$")
 
 
@@ -32,17 +29,6 @@ def tp_partition(name: str) -> tuple[int | None, int]:
         if pattern.search(name):
             return dim, stride
     return None, 1
-
-
-def canonical_name(name: str) -> str:
-    """The ClipModel parameter name of ``name`` (drops ``module.`` and pipeline-layer prefixes)."""
-    return strip_prefix(name)
-
-
-def stage_of(name: str) -> int | None:
-    """Pipeline layer index of a PipelineModule parameter name ("3.visual..." -> 3), else None."""
-    m = _STAGE.match(name)
-    return int(m.group(1)) if m else None
 
 
 def step_tag(step: int, existing: set[str] | frozenset[str] = frozenset()) -> str:

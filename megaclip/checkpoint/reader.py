@@ -27,13 +27,13 @@ from megaclip.checkpoint import mmap_io
 from megaclip.checkpoint.atomic import read_latest
 from megaclip.checkpoint.layout import (
     ShardFiles,
-    canonical_name,
     tp_partition,
     zero3_partition_numel,
 )
 from megaclip.checkpoint.meta import META_FILE, CheckpointMeta, read_meta, verify_files
 from megaclip.config.model import ClipConfig
 from megaclip.errors import CheckpointError
+from megaclip.model.naming import strip_prefix
 from megaclip.parallel.shapes import unshard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -167,7 +167,7 @@ class _Shard:
             ms = f.get(self.ms_rel)
             shapes = [dict(g) for g in ms.get("param_shapes") or []]
             self.frozen_shapes = {
-                canonical_name(k): (k, s) for k, s in (ms.get("frozen_param_shapes") or {}).items()
+                strip_prefix(k): (k, s) for k, s in (ms.get("frozen_param_shapes") or {}).items()
             }
             opt = ms.get("optimizer") or {}
             self.unfused = "fp32_groups" in opt
@@ -177,7 +177,7 @@ class _Shard:
                 module = f.get(self.module_rel)
             else:
                 module = ms.get("module") or {}
-            self.module_names = {canonical_name(k): k for k in (module or {})}
+            self.module_names = {strip_prefix(k): k for k in (module or {})}
         finally:
             f.close()
         # (group, ds name, shape, offset in the ZeRO-3 flat partition) of each trainable param
@@ -185,7 +185,7 @@ class _Shard:
         for g, group in enumerate(shapes):
             offset = 0
             for k, shape in group.items():
-                self.groups[canonical_name(k)] = (g, k, shape, offset)
+                self.groups[strip_prefix(k)] = (g, k, shape, offset)
                 offset += zero3_partition_numel(shape.numel(), self.dp)
         self.kind = (
             "zero3"
@@ -227,7 +227,7 @@ class _Shard:
             names = load_file(self.root / rank_state_file(rank)).get("optimizer_param_names")
             if names is None:
                 raise CheckpointError(f"{self.root}: no optimizer parameter names recorded")
-            self._opt_names = [canonical_name(n) for group in names for n in group]
+            self._opt_names = [strip_prefix(n) for group in names for n in group]
         return self._opt_names
 
     def module_value(self, f: _Files, name: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from megaclip.checkpoint import mmap_io
 from megaclip.checkpoint.atomic import fsync_tree
-from megaclip.checkpoint.layout import canonical_name, tp_partition
+from megaclip.checkpoint.layout import tp_partition
 from megaclip.checkpoint.meta import check_same_model
 from megaclip.checkpoint.openclip_io import OpenClipFile
 from megaclip.checkpoint.reader import (
@@ -40,6 +40,7 @@ from megaclip.checkpoint.reader import (
 from megaclip.config.model import ClipConfig, model_from_dict
 from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError, ConfigError
+from megaclip.model.naming import strip_prefix
 from megaclip.parallel import collectives
 from megaclip.parallel import deepspeed_compat as ds_compat
 from megaclip.parallel.layers import partition_of
@@ -329,9 +330,9 @@ def apply_full_state(
             _ensure_state(base, flat, step)
     masters = ds_compat.unfused_fp32_masters(engine.optimizer)
     mine = {
-        canonical_name(n): (n, p)
+        strip_prefix(n): (n, p)
         for n, p in engine.module.named_parameters()
-        if canonical_name(n) not in skip
+        if strip_prefix(n) not in skip
     }
     for canon, entry in source(list(mine)):
         name, param = mine.pop(canon)

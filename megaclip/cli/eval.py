@@ -133,7 +133,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if not 0.0 <= args.max_skip_fraction <= 1.0:
         raise ConfigError(f"--max-skip-fraction {args.max_skip_fraction}: use a value in [0, 1]")
     if args.device is None:
-        from megaclip.parallel.runtime import device as default_device
+        from megaclip.parallel.device import device as default_device
 
         device = default_device()
     else:

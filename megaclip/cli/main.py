@@ -15,7 +15,7 @@ import warnings
 
 from megaclip.errors import ConfigError, MegaclipError
 
-# Order is the order shown in `megaclip --help`. A module that does not exist yet is skipped.
+# Order is the order shown in `megaclip --help`.
 COMMANDS = (
     "models",
     "info",
@@ -48,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"megaclip.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"megaclip.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"megaclip.cli.{name}").register(sub)
     return parser
 
 

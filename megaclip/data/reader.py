@@ -22,7 +22,6 @@ import inspect
 import io
 import json
 import logging
-import os
 import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -602,8 +601,3 @@ class WebDataset(IterableDataset):
                 meta = None
         stats.ok += 1
         return Sample(key, image, caption, meta, shard)
-
-
-def env_flag(name: str) -> bool:
-    """Whether environment variable ``name`` is set to a true value (1, true, yes)."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")

@@ -200,15 +200,3 @@ def _header_name(header: bytes) -> str:
         if prefix:
             return f"{prefix}/{name}"
     return name
-
-
-def scan_tar_names(path: str) -> tuple[list[str], str | None]:
-    """Member names of a tar file read from headers only, and the read-error reason if any."""
-    names: list[str] = []
-    try:
-        with open(path, "rb") as f:
-            for name, _ in iter_tar(f, want=lambda _name: False):
-                names.append(name)
-    except TarReadError as err:
-        return names, err.reason
-    return names, None

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaclip.config.model import ClipConfig
+from megaclip.config.parallel import check_tensor_parallel
 from megaclip.model.blocks import ResidualBlock, run_blocks
 from megaclip.model.text import TextEmbed, TextHead, pool_index
 from megaclip.model.vision import VisionEmbed, VisionHead
-from megaclip.parallel.shapes import check_tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,6 @@ class ClipStage(nn.Module):
         if hasattr(self, "logit_bias"):
             return torch.cat([self.logit_scale, self.logit_bias])  # [2]
         return self.logit_scale.view(1)  # [1]
-
-    def set_recompute(self, enabled: bool) -> None:
-        """Activation checkpointing per residual block (recompute the forward in backward)."""
-        self.recompute = enabled
 
     # The three phases of a span; a pipeline stage runs them with transport in between.
     def embed(self, images: torch.Tensor, tokens: torch.Tensor):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaclip.parallel.device import accelerator, device  # noqa: F401  (re-exported)
+from megaclip.parallel.device import accelerator, device
 
 
 def pin_memory_default() -> bool:

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-# Re-exported: a model config check that lives with the config (megaclip.config.parallel).
-from megaclip.config.parallel import check_tensor_parallel as check_tensor_parallel
 from megaclip.errors import ConfigError
 
 

@@ -110,10 +110,6 @@ class Topology:
         return self.tp_group if self.par.tp > 1 else None
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.coords.pp == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.coords.pp == self.par.pp - 1
 

@@ -78,9 +78,8 @@ from typing import Protocol
 # The buckets and ZeRO-3 limits megaclip writes into DeepSpeed configs (the one builder).
 from megaclip.config.deepspeed import BUCKET_ELEMS, ZERO3_GRAD_BUFFER_ELEMS, ZERO3_LIVE_ELEMS
 from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
-from megaclip.config.parallel import ParallelConfig
+from megaclip.config.parallel import ParallelConfig, check_tensor_parallel
 from megaclip.errors import ConfigError
-from megaclip.parallel.shapes import check_tensor_parallel
 from megaclip.pipeline.partition import StageRanges, partition
 
 #: DeepSpeed's fallback all-reduce buffer for ZeRO-0 wrappers (MEMORY_OPT_ALLREDUCE_SIZE).

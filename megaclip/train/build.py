@@ -25,8 +25,8 @@ from megaclip.model.clip import ClipModel
 from megaclip.model.init import fill_local, init_parameters
 from megaclip.model.naming import to_open_clip_key
 from megaclip.parallel.deepspeed_compat import zero3_partition
+from megaclip.parallel.device import device as accelerator_device
 from megaclip.parallel.layers import partition_of
-from megaclip.parallel.runtime import device as accelerator_device
 from megaclip.parallel.topology import Topology
 from megaclip.pipeline.partition import StagePlan, partition
 from megaclip.pipeline.stages import PipeStage

@@ -39,10 +39,9 @@ from megaclip.loss.siglip import siglip_loss
 from megaclip.model.naming import strip_prefix
 from megaclip.parallel import collectives
 from megaclip.parallel.deepspeed_compat import training_mode_kept, wrap_optimizer_step
+from megaclip.parallel.device import accelerator, device
 from megaclip.parallel.runtime import (
-    accelerator,
     configure_backends,
-    device,
     host_to_device,
     rng_state,
     seed_training_rng,

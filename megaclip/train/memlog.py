@@ -23,7 +23,7 @@ MEMORY_DIR = "memory"
 
 
 def _accelerator():
-    from megaclip.parallel.runtime import accelerator
+    from megaclip.parallel.device import accelerator
 
     acc = accelerator()
     return None if acc.device_name() == "cpu" else acc

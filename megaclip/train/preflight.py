@@ -75,7 +75,7 @@ def local_ranks() -> int:
 
 def node_budget() -> Budget | None:
     """This rank's memory budget, or None when it cannot be read (then nothing is checked)."""
-    from megaclip.parallel.runtime import accelerator
+    from megaclip.parallel.device import accelerator
     from megaclip.perf.planner import PlanRequest
     from megaclip.train.memlog import current_bytes
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megaclip.parallel.runtime import clean_exit, device, init_distributed
+from megaclip.parallel.device import device
+from megaclip.parallel.runtime import clean_exit, init_distributed
 
 
 def out_dir_from_argv(argv: list[str]) -> Path:
