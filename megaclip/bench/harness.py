@@ -132,15 +132,18 @@ def quiet_deepspeed() -> None:
 
 def build_engine(spec: BenchSpec, topo, cfg: ClipConfig | None = None):
     """A ClipEngine for ``spec`` on ``topo`` (weights from ``spec.seed``)."""
+    from megaclip.train.ds_config import resolve_ds_config
     from megaclip.train.engine import ClipEngine, OptimConfig
 
     cfg = cfg if cfg is not None else resolve_model(spec.model)
+    optim = OptimConfig()
+    ds = resolve_ds_config(ds_config_for(spec, topo.par), topo.par, optim.grad_clip)
     return ClipEngine(
         cfg,
         topo.par,
         topo,
-        ds_config_for(spec, topo.par),
-        OptimConfig(),
+        ds,
+        optim,
         seed=spec.seed,
         loss_chunk_size=spec.loss_chunk_size,
     )

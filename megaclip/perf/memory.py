@@ -65,13 +65,14 @@ over the whole global batch, then m backwards; the same with PP = 1 and gradient
 keeps the saved activations of *all m micro-batches* alive at the peak, on every stage, not only
 the first. The last stage (every rank when PP = 1) also holds the gathered features of the
 global batch N for the loss: 2 * N * E fp32 values, their gradients, and a [rows, chunk]
-logits block of the chunked loss (rows = m * b, chunk = LOSS_CHUNK). The alternative "recompute"
-schedule (features from a no-grad pass first, then DeepSpeed's stock 1F1B) keeps min(m, P - s)
-micro-batches alive on stage s at the price of one more forward pass.
+logits block of the chunked loss (rows = m * b, chunk = ``train.loss_chunk_size``). The
+alternative "recompute" schedule (features from a no-grad pass first, then DeepSpeed's stock
+1F1B) keeps min(m, P - s) micro-batches alive on stage s at the price of one more forward pass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +80,7 @@ from typing import Protocol
 from megaclip.config.deepspeed import BUCKET_ELEMS, ZERO3_GRAD_BUFFER_ELEMS, ZERO3_LIVE_ELEMS
 from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
 from megaclip.config.parallel import ParallelConfig, check_tensor_parallel
+from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.errors import ConfigError
 from megaclip.pipeline.partition import StageRanges, partition
 
@@ -86,8 +88,6 @@ from megaclip.pipeline.partition import StageRanges, partition
 ALLREDUCE_FALLBACK_ELEMS = 500_000_000
 #: DeepSpeed 0.19.8's own default reduce/all-gather bucket (elements), used when a config sets none.
 DEEPSPEED_DEFAULT_BUCKET_ELEMS = 500_000_000
-#: Column chunk of the chunked contrastive loss (an assumption; the loss module may differ).
-LOSS_CHUNK = 8192
 
 
 def bytes_per_element(precision: str) -> int:
@@ -434,12 +434,16 @@ def stage_activation_bytes(
     return m * stored + work
 
 
-def loss_bytes(cfg: ClipConfig, par: ParallelConfig) -> float:
-    """Loss bytes on a last-stage rank: gathered fp32 features 2NE, their grads, a logits chunk."""
+def loss_bytes(
+    cfg: ClipConfig, par: ParallelConfig, loss_chunk: int | None = LOSS_CHUNK_SIZE
+) -> float:
+    """Loss bytes on a last-stage rank: gathered fp32 features 2NE, their grads, a logits chunk
+    of ``loss_chunk`` columns (``train.loss_chunk_size``; None: the whole batch)."""
     n = par.global_batch_size
     rows = par.micro_batch_size * par.grad_accum_steps
     feats = 2 * n * cfg.embed_dim * 4
-    return 2 * feats + 2 * rows * min(n, LOSS_CHUNK) * 4
+    cols = n if loss_chunk is None else min(n, loss_chunk)
+    return 2 * feats + 2 * rows * cols * 4
 
 
 # ---------------------------------------------------------------- totals
@@ -494,10 +498,12 @@ def stage_memory(
     grad_accum_fp32: bool = False,
     schedule: str = "keep",
     buckets: dict[str, object] | None = None,
+    loss_chunk: int | None = LOSS_CHUNK_SIZE,
 ) -> StageMemory:
     """Peak memory breakdown of one rank of stage number ``index`` under layout ``par``.
 
-    ``buckets``: DeepSpeed bucket settings for :func:`model_state_bytes` (planner's defaults).
+    ``buckets``: DeepSpeed bucket settings for :func:`model_state_bytes` (planner's defaults);
+    ``loss_chunk``: the run's ``train.loss_chunk_size``.
     """
     n = stage_params(cfg, par.tp, stage)
     kw = dict(buckets or {})
@@ -513,7 +519,7 @@ def stage_memory(
         n, par, grad_accum_fp32=grad_accum_fp32, zero3_live_params=live, **kw
     )
     acts = stage_activation_bytes(cfg, par, stage, alive_micro_batches(par, index, schedule))
-    loss = loss_bytes(cfg, par) if stage.last else 0.0
+    loss = loss_bytes(cfg, par, loss_chunk) if stage.last else 0.0
     return StageMemory(
         index,
         n,
@@ -537,6 +543,7 @@ def layout_memory(
     grad_accum_fp32: bool = False,
     schedule: str = "keep",
     buckets: dict[str, object] | None = None,
+    loss_chunk: int | None = LOSS_CHUNK_SIZE,
 ) -> tuple[StageMemory, ...]:
     """Per-stage memory of a layout (stages default to :func:`default_stages`)."""
     stages = default_stages(cfg, par.pp) if stages is None else stages
@@ -544,7 +551,14 @@ def layout_memory(
         raise ConfigError(f"got {len(stages)} stage ranges for pp={par.pp}")
     return tuple(
         stage_memory(
-            cfg, par, s, i, grad_accum_fp32=grad_accum_fp32, schedule=schedule, buckets=buckets
+            cfg,
+            par,
+            s,
+            i,
+            grad_accum_fp32=grad_accum_fp32,
+            schedule=schedule,
+            buckets=buckets,
+            loss_chunk=loss_chunk,
         )
         for i, s in enumerate(stages)
     )
@@ -587,7 +601,8 @@ def choose_schedule(
     budget_bytes: float | None = None,
     *,
     host: bool = False,
-    ds: dict[str, object] | None = None,
+    ds: Mapping[str, object] | None = None,
+    loss_chunk: int | None = LOSS_CHUNK_SIZE,
 ) -> str:
     """The exact-loss schedule ``par`` trains with: "keep" or "recompute" ("auto" resolved).
 
@@ -601,11 +616,12 @@ def choose_schedule(
         return unbudgeted
     if budget_bytes is None:
         return "keep"
-    kept = max(r.peak for r in rank_peaks(cfg, par, host=host, ds=ds, schedule="keep"))
+    peaks = rank_peaks(cfg, par, host=host, ds=ds, schedule="keep", loss_chunk=loss_chunk)
+    kept = max(r.peak for r in peaks)
     return "keep" if kept <= budget_bytes else "recompute"
 
 
-def ds_buckets(ds: dict[str, object] | None, dp: int = 1) -> dict[str, object]:
+def ds_buckets(ds: Mapping[str, object] | None, dp: int = 1) -> dict[str, object]:
     """:func:`model_state_bytes` bucket settings of a DeepSpeed config (None: the planner's)."""
     if ds is None:
         return {"zero3_live_elems": ZERO3_LIVE_ELEMS}
@@ -633,16 +649,18 @@ def rank_peaks(
     par: ParallelConfig,
     *,
     host: bool,
-    ds: dict[str, object] | None = None,
+    ds: Mapping[str, object] | None = None,
     schedule: str | None = None,
+    loss_chunk: int | None = LOSS_CHUNK_SIZE,
 ) -> list[RankMemory]:
     """Predicted peak memory of every global rank of a run (``host``: a CPU rank's RSS).
 
     ``ds``: the run's resolved DeepSpeed config (its bucket sizes); None: the planner's.
+    ``loss_chunk``: the run's ``train.loss_chunk_size``.
     """
     buckets = {**ds_buckets(ds, par.dp), "host": host}
-    schedule = schedule or choose_schedule(cfg, par, host=host, ds=ds)
-    mem = layout_memory(cfg, par, schedule=schedule, buckets=buckets)
+    schedule = schedule or choose_schedule(cfg, par, host=host, ds=ds, loss_chunk=loss_chunk)
+    mem = layout_memory(cfg, par, schedule=schedule, buckets=buckets, loss_chunk=loss_chunk)
     runtime = HOST_RUNTIME_BYTES if host else 0.0
     out = []
     for rank in range(par.world_size):

@@ -23,10 +23,13 @@ single-process reference.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,6 +56,9 @@ from megaclip.pipeline.stages import cached_grad_loss, split_outputs
 from megaclip.train.build import build_module
 from megaclip.train.ds_config import resolve_ds_config
 from megaclip.train.optim import build_optimizer, fuse_overflow_check, lr_at, param_groups
+
+if TYPE_CHECKING:
+    from megaclip.train.resolve import ResolvedRun
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images [b, C, H, W], tokens [b, L]
 
@@ -120,7 +126,7 @@ class ClipEngine:
         model_cfg: ClipConfig,
         par: ParallelConfig,
         topo: Topology,
-        ds_config: dict,
+        ds_config: Mapping[str, Any] | None,
         optim: OptimConfig,
         *,
         seed: int = 0,
@@ -143,7 +149,12 @@ class ClipEngine:
                 f"loss '{loss}' needs a model {'with' if loss == 'siglip' else 'without'} a "
                 "logit_bias (model.init_logit_bias; train.loss: siglip sets it)"
             )
-        self.ds_config = resolve_ds_config(ds_config, par, gradient_clipping=optim.grad_clip)
+        # A given dict is final (megaclip.train.resolve made it); none: the one builder's.
+        self.ds_config = (
+            copy.deepcopy(dict(ds_config))
+            if ds_config
+            else resolve_ds_config({}, par, gradient_clipping=optim.grad_clip)
+        )
         last_stage_loss = _LastStageLoss() if par.pp > 1 else None
         built = build_module(
             model_cfg,
@@ -188,6 +199,25 @@ class ClipEngine:
             from megaclip.pipeline.engine import enable_global_loss
 
             enable_global_loss(self.engine, self._pipeline_global_loss)
+
+    @classmethod
+    def from_run(cls, run: ResolvedRun, topo: Topology) -> ClipEngine:
+        """The engine of a resolved run: its layout, final DeepSpeed dict and schedule as they
+        are (megaclip.train.resolve decided them), its optimizer and loss settings."""
+        o, t = run.cfg.optim, run.cfg.train
+        return cls(
+            run.cfg.model,
+            run.par,
+            topo,
+            run.ds_dict(),
+            dataclasses.replace(o, total_steps=o.total_steps or t.steps),
+            seed=t.seed,
+            patch_dropout=t.patch_dropout,
+            loss_chunk_size=t.loss_chunk_size,
+            loss_mode=t.loss_mode,
+            loss=t.loss,
+            lock="image" if t.lock_image else "text" if t.lock_text else None,
+        )
 
     # ---------------------------------------------------------------- hooks
 

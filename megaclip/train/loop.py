@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -24,13 +23,12 @@ from megaclip.model.flops import model_cost
 from megaclip.parallel import collectives
 from megaclip.parallel.runtime import init_distributed, pin_memory_default
 from megaclip.parallel.topology import Topology
-from megaclip.perf.memory import choose_schedule
-from megaclip.train.ds_config import check_deepspeed_sections, load_ds_config, resolve_ds_config
 from megaclip.train.engine import ClipEngine, StepResult
 from megaclip.train.faults import TrainingGuard, exit_with_launcher  # see docs/reliability.md
 from megaclip.train.memlog import PhaseLog
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
-from megaclip.train.preflight import check_memory, check_output_dir, node_budget
+from megaclip.train.preflight import check_memory, check_output_dir
+from megaclip.train.resolve import resolve_run
 
 
 def micro_batch_stream(
@@ -129,27 +127,17 @@ class _Progress:
 def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     """Train ``cfg`` on the launched processes; returns the final summary on rank 0."""
     # Everything that can be wrong with the input is checked before any process group exists
-    # (the config's own ranges were checked when it was built).
-    ds = load_ds_config(ds_override or cfg.deepspeed)
-    check_deepspeed_sections(ds)
-    par = cfg.parallel
-    if "activation_checkpointing" in ds and not par.activation_checkpointing:
-        par = dataclasses.replace(par, activation_checkpointing=True)
-    par.check_world(int(os.environ.get("WORLD_SIZE", "1")))
-    resolved_ds = resolve_ds_config(ds, par, gradient_clipping=cfg.optim.grad_clip)
-    cfg = dataclasses.replace(cfg, parallel=par)
-    budget = node_budget()
-    schedule = choose_schedule(
-        cfg.model,
-        par,
-        budget.bytes if budget else None,
-        host=bool(budget and budget.host),
-        ds=resolved_ds,
-    )
-    par = dataclasses.replace(par, schedule=schedule)  # "auto" resolved, recorded in config.yaml
-    cfg = dataclasses.replace(cfg, parallel=par)
+    # (the config's own ranges were checked when it was built); the run is resolved once.
+    run = resolve_run(cfg, ds_override, world=int(os.environ.get("WORLD_SIZE", "1")))
+    cfg, par = run.cfg, run.par
     if cfg.train.memory_check:  # before anything is allocated
-        check_memory(cfg.model, par, ds=resolved_ds, budget=budget)
+        check_memory(
+            cfg.model,
+            par,
+            ds=run.ds,
+            budget=run.budget,
+            loss_chunk=cfg.train.loss_chunk_size,
+        )
     tokenizer = _tokenizer(cfg)
     if cfg.data.kind == "webdataset":
         from megaclip.data import resolve_shards
@@ -167,27 +155,13 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = run_config_to_dict(cfg)
-        resolved["deepspeed"] = ds_override or cfg.deepspeed
+        resolved["deepspeed"] = run.ds_source
         text = yaml.safe_dump(resolved, sort_keys=False)
         (out / "config.yaml").write_text(text, encoding="utf-8")
         print("resolved config:\n" + text, flush=True)
-    o, t = cfg.optim, cfg.train
-    lock = "image" if t.lock_image else "text" if t.lock_text else None
     memory = PhaseLog()
     with memory.phase("build"):
-        engine = ClipEngine(
-            cfg.model,
-            par,
-            topo,
-            ds,
-            dataclasses.replace(o, total_steps=o.total_steps or t.steps),
-            seed=t.seed,
-            patch_dropout=t.patch_dropout,
-            loss_chunk_size=t.loss_chunk_size,
-            loss_mode=t.loss_mode,
-            loss=t.loss,
-            lock=lock,
-        )
+        engine = ClipEngine.from_run(run, topo)
     # -- reliability (megaclip/train/faults.py): a lost or silent peer ends the run in one line
     with TrainingGuard(engine, out / "checkpoints", timeout_s=cfg.train.dist_timeout_s) as guard:
         return _train_steps(cfg, engine, topo, tokenizer, world, guard, memory)

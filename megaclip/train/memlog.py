@@ -134,7 +134,9 @@ def run_memory_report(out_dir: str | Path) -> dict[str, Any]:
     cfg = run_config_from_dict(data, where=str(config))
     ds = resolve_ds_config(load_ds_config(ds_path), cfg.parallel, cfg.optim.grad_clip)
     host = records[0].get("measure") == "rss"
-    predicted = rank_peaks(cfg.model, cfg.parallel, host=host, ds=ds)
+    predicted = rank_peaks(
+        cfg.model, cfg.parallel, host=host, ds=ds, loss_chunk=cfg.train.loss_chunk_size
+    )
     ranks = []
     for rec in records:
         pred = predicted[rec["rank"]]

@@ -16,11 +16,14 @@ error message.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
+from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.errors import ConfigError
 from megaclip.train.host import meminfo_kib
 
@@ -133,18 +136,24 @@ def nearest_fits(cfg: ClipConfig, par: ParallelConfig, budget: Budget, top: int 
 
 
 def check_memory(
-    cfg: ClipConfig, par: ParallelConfig, *, ds: dict | None = None, budget: Budget | None = None
+    cfg: ClipConfig,
+    par: ParallelConfig,
+    *,
+    ds: Mapping[str, Any] | None = None,
+    budget: Budget | None = None,
+    loss_chunk: int | None = LOSS_CHUNK_SIZE,
 ) -> None:
     """ConfigError (one line) when the planner predicts a rank above this node's budget.
 
-    ``ds``: the run's resolved DeepSpeed config (bucket sizes).
+    ``ds``: the run's resolved DeepSpeed config (bucket sizes); ``loss_chunk``: its
+    ``train.loss_chunk_size``.
     """
     from megaclip.perf.memory import rank_peaks
 
     budget = budget or node_budget()
     if budget is None:  # not readable here: nothing to check against
         return
-    peaks = rank_peaks(cfg, par, host=budget.host, ds=ds)
+    peaks = rank_peaks(cfg, par, host=budget.host, ds=ds, loss_chunk=loss_chunk)
     worst = max(peaks, key=lambda r: r.peak)
     if worst.peak <= budget.bytes:
         return
