@@ -63,3 +63,26 @@ def test_memory_model_uses_the_runs_loss_chunk():
     rows = par.micro_batch_size * par.grad_accum_steps
     assert peak(1024) - peak(512) == pytest.approx(2 * rows * 512 * 4)
     assert peak(None) == pytest.approx(peak(4096))  # no chunk: the whole batch of 4096
+
+
+def test_clip_engine_sets_every_member_of_the_checkpoint_protocol():
+    """checkpoint/ depends on EngineState, not on the engine: ClipEngine must provide it."""
+    import ast
+    import inspect
+    import textwrap
+
+    from megaclip.checkpoint.engine_state import EngineState
+    from megaclip.train.engine import ClipEngine
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(ClipEngine.__init__)))
+    assigned = {
+        t.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+    }
+    wanted = set(EngineState.__annotations__)
+    assert wanted == {"cfg", "par", "topo", "engine", "step_count"}
+    assert wanted <= assigned, wanted - assigned

@@ -33,6 +33,7 @@ from megaclip.checkpoint.atomic import (
     rotate,
     write_atomic,
 )
+from megaclip.checkpoint.engine_state import EngineState
 from megaclip.checkpoint.layout import step_tag
 from megaclip.checkpoint.meta import (
     META_FILE,
@@ -53,7 +54,7 @@ from megaclip.parallel.runtime import rng_state, set_rng_state
 UNIVERSAL_SUBDIR = "universal"
 
 
-def optimizer_param_names(clip_engine) -> list[list[str]] | None:
+def optimizer_param_names(clip_engine: EngineState) -> list[list[str]] | None:
     """Module parameter names per optimizer group, in the optimizer's index order.
 
     Needed for ZeRO-0, whose saved torch state dict knows indices only (fp32: the optimizer's
@@ -97,7 +98,7 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
 
 
 def save_checkpoint(
-    clip_engine,
+    clip_engine: EngineState,
     ckpt_root: str | Path,
     step: int,
     client_state: dict[str, Any] | None = None,
@@ -156,7 +157,7 @@ def save_checkpoint(
     return root / tag
 
 
-def load_latest(clip_engine, ckpt_root: str | Path) -> dict[str, Any] | None:
+def load_latest(clip_engine: EngineState, ckpt_root: str | Path) -> dict[str, Any] | None:
     """Resume from the checkpoint ``ckpt_root/latest`` names; its client_state, or None if none.
 
     Collective. Same layout: DeepSpeed's loader (weights, optimizer, scheduler, counters) plus
@@ -172,7 +173,7 @@ def load_latest(clip_engine, ckpt_root: str | Path) -> dict[str, Any] | None:
     return load_checkpoint(clip_engine, path)
 
 
-def load_checkpoint(clip_engine, ckpt_dir: str | Path) -> dict[str, Any]:
+def load_checkpoint(clip_engine: EngineState, ckpt_dir: str | Path) -> dict[str, Any]:
     """Resume from one checkpoint directory (a DeepSpeed ``step-N`` or a universal one).
 
     When the saved layout differs from this run's, the checkpoint is first converted (by rank
@@ -257,7 +258,7 @@ def _own_optimizer_state(engine, loaded: list[Any]) -> None:
                     state[key] = mmap_io.detached(value)
 
 
-def _load_resharded(clip_engine, ckpt_dir: Path) -> dict[str, Any]:
+def _load_resharded(clip_engine: EngineState, ckpt_dir: Path) -> dict[str, Any]:
     from megaclip.checkpoint.universal import UNIVERSAL_META, convert_to_universal, load_universal
 
     target = ckpt_dir / UNIVERSAL_SUBDIR

@@ -27,6 +27,7 @@ import torch
 
 from megaclip.checkpoint import mmap_io
 from megaclip.checkpoint.atomic import fsync_tree
+from megaclip.checkpoint.engine_state import EngineState
 from megaclip.checkpoint.layout import tp_partition
 from megaclip.checkpoint.meta import check_same_model
 from megaclip.checkpoint.openclip_io import OpenClipFile
@@ -175,7 +176,11 @@ def _universal_source(path: Path, keys: tuple[str, ...]) -> Source:
 
 
 def load_universal(
-    clip_engine, path: str | Path, *, weights_only: bool = False, new_logit_bias: bool = False
+    clip_engine: EngineState,
+    path: str | Path,
+    *,
+    weights_only: bool = False,
+    new_logit_bias: bool = False,
 ) -> dict[str, Any]:
     """Load a universal checkpoint into a running engine of any layout; rank 0's client_state.
 
@@ -215,7 +220,9 @@ def _new_params(available, new_logit_bias: bool) -> frozenset[str]:
     return frozenset()
 
 
-def initialize_from(clip_engine, path: str | Path, *, new_logit_bias: bool = False) -> None:
+def initialize_from(
+    clip_engine: EngineState, path: str | Path, *, new_logit_bias: bool = False
+) -> None:
     """Replace the engine's initial weights (all ranks, any layout) by those of ``path``.
 
     ``path``: a universal directory (e.g. from ``megaclip convert --to megaclip``), a megaclip
@@ -299,7 +306,7 @@ def _zero3_piece(full: torch.Tensor, rank: int, part: int) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_full_state(
-    clip_engine,
+    clip_engine: EngineState,
     source: Source,
     *,
     moments: bool,
