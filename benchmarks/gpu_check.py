@@ -266,6 +266,29 @@ def run_worker(name: str, sizes_json: str, result_path: str) -> None:
 # ---------------------------------------------------------------- the driver
 
 
+#: The dry run's deadline was sized on a 2-core AVX2 EPYC whose one-thread fp32 256^3 GEMM probe
+#: measured ~90 GFLOP/s (2026-12-07, beside the test suite); its stages then took ~125 s of 300.
+DRY_PROBE_GFLOPS = 90.0
+
+
+def dry_deadline(base_s: float, *, emulated_bf16: bool) -> tuple[float, float]:
+    """(deadline, probe GFLOP/s) of the dry run on this CPU: ``base_s`` scaled by how much slower
+    than :data:`DRY_PROBE_GFLOPS` its one-thread fp32 GEMM probe is (never shorter), doubled
+    where bf16 is emulated (the engine and exact stages check bf16 numerics)."""
+    import torch
+
+    from megaclip.train.metrics import probe_matmul
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gflops = probe_matmul("fp32", 256, 20).flops / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    deadline = base_s * max(1.0, DRY_PROBE_GFLOPS / gflops) * (2 if emulated_bf16 else 1)
+    return deadline, gflops
+
+
 class Driver:
     def __init__(self, args) -> None:
         self.dry = args.dry_run
@@ -290,8 +313,11 @@ class Driver:
         from megaclip.train.metrics import cpu_has_native_bf16
 
         self.bench_precision = "fp32" if self.dry and not cpu_has_native_bf16() else "bf16"
-        if self.dry and not args.deadline_s and self.bench_precision == "fp32":
-            self.deadline = 2 * self.sz["deadline_s"]  # emulated bf16 in the engine/exact stages
+        self.probe_gflops = None
+        if self.dry and not args.deadline_s:
+            self.deadline, self.probe_gflops = dry_deadline(
+                self.sz["deadline_s"], emulated_bf16=self.bench_precision == "fp32"
+            )
 
     def left(self) -> float:
         return self.deadline - (time.monotonic() - self.t0)
@@ -508,6 +534,9 @@ class Driver:
             report["env"] = self.env_info()
         except Exception as err:
             report["env"] = {"error": str(err)[-2000:]}
+        report["deadline_s"] = round(self.deadline, 1)
+        if self.probe_gflops is not None:
+            report["dry_probe_gflops"] = round(self.probe_gflops, 1)
         for name in STAGE_NAMES:
             if only and name not in only:
                 continue

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "megaclip"
+from tests.ast_util import PACKAGE, strays
+
 ALLOWED = {Path("parallel/collectives.py")}
 
 #: Modules whose collectives count (a call of one of COLLECTIVES on them is flagged).
@@ -102,19 +103,9 @@ def stray_collectives(source: str) -> list[tuple[int, str]]:
     return found
 
 
-def _package_files() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
-
-
 def test_every_collective_goes_through_parallel_collectives():
-    strays = []
-    for path in _package_files():
-        rel = path.relative_to(PACKAGE)
-        if rel in ALLOWED:
-            continue
-        for line, call in stray_collectives(path.read_text(encoding="utf-8")):
-            strays.append(f"megaclip/{rel}:{line}: {call}")
-    assert not strays, "collectives outside megaclip/parallel/collectives.py:\n" + "\n".join(strays)
+    found = strays(stray_collectives, ALLOWED)
+    assert not found, "collectives outside megaclip/parallel/collectives.py:\n" + "\n".join(found)
 
 
 def test_collectives_module_is_where_they_are():

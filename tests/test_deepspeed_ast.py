@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from megaclip.parallel.deepspeed_compat import PRIVATE_NAMES
+from tests.ast_util import PACKAGE, strays
 
-PACKAGE = Path(__file__).resolve().parents[1] / "megaclip"
 FENCE = Path("parallel/deepspeed_compat.py")
 ATTR_FUNCS = {"getattr", "setattr", "hasattr", "delattr"}
 HOLDERS = ("engine", "optimizer")  # a chain ending in these names holds a DeepSpeed object
@@ -125,21 +125,11 @@ def private_touches(source: str) -> list[tuple[int, str]]:
     return sorted(set(found))
 
 
-def _package_files() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
-
-
 def test_no_private_deepspeed_touch_outside_the_fence():
-    strays = []
-    for path in _package_files():
-        rel = path.relative_to(PACKAGE)
-        if rel == FENCE:
-            continue
-        for line, what in private_touches(path.read_text(encoding="utf-8")):
-            strays.append(f"megaclip/{rel}:{line}: {what}")
-    assert not strays, (
+    found = strays(private_touches, {FENCE})
+    assert not found, (
         "private DeepSpeed internals outside megaclip/parallel/deepspeed_compat.py (add a named "
-        "function with its check there):\n" + "\n".join(strays)
+        "function with its check there):\n" + "\n".join(found)
     )
 
 
