@@ -53,9 +53,18 @@ PARAM_ATOL = 4e-5
 
 
 def _compare(
-    losses, state, exp_avg, micro, accum, dp, loss_rtol=1e-4, param_atol=PARAM_ATOL, loss="clip"
+    losses,
+    state,
+    exp_avg,
+    micro,
+    accum,
+    dp,
+    loss_rtol=1e-4,
+    param_atol=PARAM_ATOL,
+    loss="clip",
+    model=MODEL,
 ):
-    ref = reference_run(MODEL, micro * accum * dp, STEPS, SEED, loss=loss)
+    ref = reference_run(model, micro * accum * dp, STEPS, SEED, loss=loss)
     ref_losses, ref_state = ref.losses, ref.state
     # measured: 1e-6 relative (fp32 rounding); a 1.5x gradient on any tensor is 0.5
     _compare_moments(exp_avg, ref.exp_avg, rtol=1e-4)

@@ -107,16 +107,16 @@ def runnable(name: str) -> bool:
 def ds_config_runs(tmp_path_factory) -> dict[str, str]:
     """Every runnable ds_configs file trained for 2 steps in one torchrun; log of each run."""
     names = sorted((n for n in DS_CONFIGS if runnable(n)), key=lambda n: n in LAYOUTS)
+    out = tmp_path_factory.mktemp("ds_configs")
     runs = [
         [
             n,
             str(REPO / "ds_configs" / n),
-            ["model=tiny", "train.steps=2"]
+            ["model=tiny", "train.steps=2", f"train.offload_dir={out / 'nvme' / n}"]
             + [f"parallel.{k}={str(v).lower()}" for k, v in expected_layout(n).items()],
         ]
         for n in names
     ]
-    out = tmp_path_factory.mktemp("ds_configs")
     proc = torchrun(2, "tests/workers/ds_config_runs.py", out, json.dumps(runs), timeout=400)
     logs = proc.stdout.split("=== run ")[1:]
     return {chunk.split("\n", 1)[0]: chunk for chunk in logs}

@@ -123,6 +123,9 @@ class TrainSection:
     dist_timeout_s: float = 600.0
     # refuse a layout the planner predicts will not fit this node (megaclip/train/preflight.py)
     memory_check: bool = True
+    # ZeRO-Infinity: where a DeepSpeed JSON that offloads parameters to "nvme" keeps them (a
+    # fast local disk; filled into its nvme_path, checked for free space)
+    offload_dir: str = ""
 
     def __post_init__(self) -> None:
         check_at_least(

@@ -30,6 +30,7 @@ from megaclip.parallel.layers import partition_of
 from megaclip.parallel.topology import Topology
 from megaclip.pipeline.partition import StagePlan, partition
 from megaclip.pipeline.stages import PipeStage
+from megaclip.train.ds_config import nvme_offload
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,6 +63,18 @@ def init_zero3_partitions(module: nn.Module, cfg: ClipConfig, seed: int, tp: tup
         key = to_open_clip_key(name)
         shape = tuple(param.ds_shape)
         fill_local(dest[:n], key, shape, partition_of(param), tp, cfg, seed, local.start)
+
+
+@torch.no_grad()
+def init_gathered(module: nn.Module, cfg: ClipConfig, seed: int, tp: tuple[int, int]) -> None:
+    """Fill every parameter through DeepSpeed's gather (one tensor at a time, then partitioned
+    again): the path where partitions live on NVMe (offload_param), not in ``ds_tensor``."""
+    import deepspeed
+
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            key, shape = to_open_clip_key(name), tuple(param.ds_shape)
+            fill_local(param.data.view(-1), key, shape, partition_of(param), tp, cfg, seed, 0)
 
 
 class BuiltModule:
@@ -100,7 +113,10 @@ def build_module(
             mpu=topo.mpu() if par.tp > 1 else None,
         ):
             module = ClipModel(cfg, **kw)
-        init_zero3_partitions(module, cfg, seed, tp)
+        if "offload_param" in nvme_offload(ds_config):
+            init_gathered(module, cfg, seed, tp)
+        else:
+            init_zero3_partitions(module, cfg, seed, tp)
         return BuiltModule(module, None)
     dev = accelerator_device()
     if par.pp == 1:

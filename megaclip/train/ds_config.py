@@ -131,3 +131,66 @@ def resolve_ds_config(
             for sub, v in value.items():
                 out[key].setdefault(sub, v)
     return out
+
+
+OFFLOAD_SECTIONS = ("offload_param", "offload_optimizer")
+
+
+def nvme_offload(ds: Mapping[str, Any]) -> list[str]:
+    """The ``zero_optimization`` offload sections of ``ds`` whose device is "nvme"."""
+    zero = ds.get("zero_optimization") or {}
+    return [k for k in OFFLOAD_SECTIONS if (zero.get(k) or {}).get("device") == "nvme"]
+
+
+def fill_offload_paths(ds: dict[str, Any], offload_dir: str) -> dict[str, Any]:
+    """``ds`` with the ``nvme_path`` of every NVMe offload section set from ``train.offload_dir``
+    (which wins over a path in the JSON); ConfigError where a section has neither, or where the
+    JSON offloads to NVMe below ZeRO-3 (DeepSpeed offloads parameters only with ZeRO-3)."""
+    sections = nvme_offload(ds)
+    if not sections:
+        return ds
+    zero = ds["zero_optimization"]
+    if zero.get("stage") != 3:
+        raise ConfigError(
+            f"DeepSpeed config offloads {', '.join(sections)} to nvme with ZeRO stage "
+            f"{zero.get('stage')}: NVMe offload (ZeRO-Infinity) needs zero_optimization.stage 3 "
+            "(see ds_configs/zero3_nvme_fp32.json)"
+        )
+    if "offload_optimizer" in sections:
+        raise ConfigError(
+            "DeepSpeed config offloads the optimizer states to nvme: with DeepSpeed 0.19.8's "
+            "optimizer swapper and megaclip's AdamW the token embedding's update comes out wrong "
+            "(measured: its Adam moment 141% off a single-process reference), so megaclip "
+            "refuses it; set offload_optimizer's device to cpu (ds_configs/zero3_nvme_fp32.json "
+            "keeps the parameters on NVMe and the optimizer states in host memory)"
+        )
+    out = copy.deepcopy(ds)
+    for key in sections:
+        section = out["zero_optimization"][key]
+        if offload_dir:
+            section["nvme_path"] = offload_dir
+        elif not section.get("nvme_path"):
+            raise ConfigError(
+                f"DeepSpeed config offloads {key} to nvme but names no path: set "
+                "train.offload_dir=/a/local/disk (or nvme_path in the JSON)"
+            )
+    return out
+
+
+def check_zero_section(ds: Mapping[str, Any], where: str = "DeepSpeed config") -> None:
+    """ConfigError (one line per problem) unless DeepSpeed accepts ``zero_optimization``: its
+    own schema (unknown keys, wrong types) read before any engine is built."""
+    zero = ds.get("zero_optimization")
+    if not zero:
+        return
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as err:
+        problems = "; ".join(
+            "zero_optimization." + ".".join(map(str, e["loc"])) + f": {e['msg']}"
+            for e in err.errors()
+        )
+        raise ConfigError(f"{where}: {problems} (see DeepSpeed's ZeRO config docs)") from None

@@ -27,7 +27,7 @@ from megaclip.train.engine import ClipEngine, StepResult
 from megaclip.train.faults import TrainingGuard, exit_with_launcher  # see docs/reliability.md
 from megaclip.train.memlog import PhaseLog
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
-from megaclip.train.preflight import check_memory, check_output_dir
+from megaclip.train.preflight import check_memory, check_offload, check_output_dir
 from megaclip.train.resolve import resolve_run
 
 
@@ -138,6 +138,7 @@ def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
             budget=run.budget,
             loss_chunk=cfg.train.loss_chunk_size,
         )
+    check_offload(cfg.model, par, run.ds)  # ZeRO-Infinity: the async_io op, the disk's room
     tokenizer = _tokenizer(cfg)
     if cfg.data.kind == "webdataset":
         from megaclip.data import resolve_shards

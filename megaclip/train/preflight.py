@@ -16,7 +16,7 @@ error message.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -170,3 +170,65 @@ def check_memory(
         f"rank {worst.rank} (planner), but a rank has {budget.bytes / GIB:.1f} GiB "
         f"({budget.source}); {advice}; set train.memory_check=false to start anyway"
     )
+
+
+#: Bytes a parameter occupies in ZeRO-Infinity's NVMe files, per offloaded section: the swapped
+#: parameter (4 in fp32, 2 in bf16/fp16); AdamW's fp32 partition and two moments (12).
+OFFLOAD_BYTES_PER_PARAM = {
+    "offload_param": {"fp32": 4, "bf16": 2, "fp16": 2},
+    "offload_optimizer": {"fp32": 12, "bf16": 12, "fp16": 12},
+}
+
+
+def offload_bytes_per_rank(
+    cfg: ClipConfig, par: ParallelConfig, sections: Sequence[str] = ("offload_param",)
+) -> float:
+    """Disk bytes one rank's NVMe files hold for ``sections``: its 1/dp share of the model."""
+    from megaclip.perf.memory import default_stages, stage_params
+
+    params = sum(stage_params(cfg, par.tp, s) for s in default_stages(cfg, par.pp))
+    per = sum(OFFLOAD_BYTES_PER_PARAM[k][par.precision] for k in sections)
+    return per * params / par.dp
+
+
+def async_io_problem() -> str | None:
+    """Why DeepSpeed's async_io op (ZeRO-Infinity's disk I/O) cannot load here, or None."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        return "libaio is missing (Debian: apt-get install libaio-dev, then scripts/install.sh)"
+    return None
+
+
+def check_offload(
+    cfg: ClipConfig, par: ParallelConfig, ds: Mapping[str, Any], *, local: int | None = None
+) -> None:
+    """ConfigError (one line) unless an NVMe-offloading run can start: the async_io op loads,
+    and each offload directory is writable with room for this node's ranks' offload files."""
+    import shutil
+
+    from megaclip.train.ds_config import nvme_offload
+
+    sections = nvme_offload(ds)
+    if not sections:
+        return
+    problem = async_io_problem()
+    if problem is not None:
+        raise ConfigError(
+            f"NVMe offload needs DeepSpeed's async_io op, which cannot build: {problem}"
+        )
+    zero = ds["zero_optimization"]
+    need = offload_bytes_per_rank(cfg, par, sections) * (local or local_ranks())
+    for path in sorted({str(zero[k]["nvme_path"]) for k in sections}):
+        check_output_dir(path, "the NVMe offload directory (train.offload_dir)")
+        probe = Path(path).expanduser()
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise ConfigError(
+                f"NVMe offload of {cfg.name} needs about {need / GIB:.1f} GiB at {path} for "
+                f"this node's ranks, but {free / GIB:.1f} GiB is free there; free space or set "
+                "train.offload_dir to a larger disk"
+            )

@@ -3,8 +3,9 @@
 Every field a run needs beyond its config is decided here, and only here: the activation
 checkpointing a DeepSpeed JSON asks for, the launched world checked against the layout, the
 final DeepSpeed dict (the JSON checked against the layout and filled by the one builder,
-``megaclip.config.deepspeed``), the exact-loss schedule (``"auto"`` resolved against the
-node's memory) and the loss chunk the memory model uses. `megaclip train`, its pre-flight, the
+``megaclip.config.deepspeed``; NVMe offload paths from ``train.offload_dir``), the exact-loss
+schedule (``"auto"`` resolved against the node's memory) and the loss chunk the memory model
+uses. `megaclip train`, its pre-flight, the
 engine and ``megaclip memory`` take the result; none of them re-derives a field.
 """
 
@@ -20,7 +21,13 @@ from typing import Any
 
 from megaclip.config.parallel import ParallelConfig
 from megaclip.config.train import RunConfig
-from megaclip.train.ds_config import check_deepspeed_sections, load_ds_config, resolve_ds_config
+from megaclip.train.ds_config import (
+    check_deepspeed_sections,
+    check_zero_section,
+    fill_offload_paths,
+    load_ds_config,
+    resolve_ds_config,
+)
 from megaclip.train.preflight import Budget, node_budget
 
 
@@ -79,6 +86,8 @@ def resolve_run(
     world = par.world_size if world is None else world
     par.check_world(world)
     ds = resolve_ds_config(raw, par, gradient_clipping=cfg.optim.grad_clip)
+    ds = fill_offload_paths(ds, cfg.train.offload_dir)
+    check_zero_section(ds)
     if budget == "node":
         budget = node_budget()
     assert budget is None or isinstance(budget, Budget)

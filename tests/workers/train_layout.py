@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ from megaclip.model.naming import to_open_clip_key
 from megaclip.parallel.runtime import clean_exit, init_distributed
 from megaclip.parallel.topology import Topology
 from megaclip.parallel.tp_state import full_state, gather_full
+from megaclip.train.ds_config import fill_offload_paths, resolve_ds_config
 from megaclip.train.engine import ClipEngine, OptimConfig
 from tests.reference import OPTIM, global_batch, model_for, rank_micro_batches
 
@@ -57,12 +59,17 @@ def main(out_dir: str, spec_json: str) -> None:
     )
     topo = Topology(par)
     cfg = model_for(spec["model"], spec.get("loss", "clip"))
+    optim = OptimConfig(**OPTIM)
+    ds = {}
+    if "ds" in spec:  # a DeepSpeed JSON's dict, resolved as megaclip train resolves it
+        ds = resolve_ds_config(spec["ds"], par, gradient_clipping=optim.grad_clip)
+        ds = fill_offload_paths(ds, spec.get("offload_dir", ""))
     engine = ClipEngine(
         cfg,
         par,
         topo,
-        {},
-        OptimConfig(**OPTIM),
+        ds,
+        optim,
         seed=spec["seed"],
         loss_mode=spec.get("loss_mode", "allgather"),
         loss=spec.get("loss", "clip"),
@@ -76,6 +83,9 @@ def main(out_dir: str, spec_json: str) -> None:
         times.append(result.step_time)
         if step == 0:
             moments = first_moments(engine.engine, topo.tp_group_or_none)
+            # ZeRO-Infinity: bytes in the offload files while training (DeepSpeed removes them)
+            offload = Path(spec.get("offload_dir") or out_dir) / "zero_stage_3"
+            swapped = sum(f.stat().st_size for f in offload.rglob("*") if f.is_file())
     module = engine.engine.module
     params = list(module.parameters())
     if par.zero_stage == 3:
@@ -89,7 +99,13 @@ def main(out_dir: str, spec_json: str) -> None:
     exp_avg = {to_open_clip_key(k): v.float() for k, v in moments.items()}
     if topo.coords.tp == 0 and topo.coords.dp == 0:
         torch.save(
-            {"losses": losses, "times": times, "state": state, "exp_avg": exp_avg},
+            {
+                "losses": losses,
+                "times": times,
+                "state": state,
+                "exp_avg": exp_avg,
+                "swapped_bytes": swapped,
+            },
             f"{out_dir}/stage{topo.coords.pp}.pt",
         )
     clean_exit()
