@@ -3,6 +3,7 @@ and the findings of a scanner over them."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Container
 from pathlib import Path
 
@@ -18,3 +19,15 @@ def strays(scan: Callable[[str], list[tuple[int, str]]], allowed: Container[Path
             continue
         out += [f"megaclip/{rel}:{line}: {what}" for line, what in scan(path.read_text("utf-8"))]
     return out
+
+
+def chain(node: ast.AST) -> list[str] | None:
+    """['a', 'b', 'c'] of a Name/Attribute chain a.b.c, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return list(reversed(parts))
+    return None

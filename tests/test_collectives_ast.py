@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ast_util import PACKAGE, strays
+from tests.ast_util import PACKAGE, chain, strays
 
 ALLOWED = {Path("parallel/collectives.py")}
 
@@ -64,14 +64,8 @@ COLLECTIVES = {
 
 def _dotted(node: ast.AST) -> str | None:
     """'a.b.c' of a Name/Attribute chain, else None."""
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-        return ".".join(reversed(parts))
-    return None
+    parts = chain(node)
+    return None if parts is None else ".".join(parts)
 
 
 def stray_collectives(source: str) -> list[tuple[int, str]]:

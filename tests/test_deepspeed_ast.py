@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from megaclip.parallel.deepspeed_compat import PRIVATE_NAMES
-from tests.ast_util import PACKAGE, strays
+from tests.ast_util import PACKAGE, chain, strays
 
 FENCE = Path("parallel/deepspeed_compat.py")
 ATTR_FUNCS = {"getattr", "setattr", "hasattr", "delattr"}
@@ -38,18 +38,6 @@ HOLDERS = ("engine", "optimizer")  # a chain ending in these names holds a DeepS
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
-
-
-def _chain(node: ast.AST) -> list[str] | None:
-    """['a', 'b', 'c'] of a Name/Attribute chain a.b.c, else None."""
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-        return list(reversed(parts))
-    return None
 
 
 def _deepspeed_names(tree: ast.AST) -> set[str]:
@@ -81,10 +69,10 @@ def private_touches(source: str) -> list[tuple[int, str]]:
                 found.append((node.lineno, f"{ast.unparse(node)} (a fenced DeepSpeed internal)"))
                 continue
             if _private(attr):
-                chain = _chain(node.value)
-                if chain and chain[0] in ds_names:
+                parts = chain(node.value)
+                if parts and parts[0] in ds_names:
                     found.append((node.lineno, f"{ast.unparse(node)} (private, from deepspeed)"))
-                elif chain and chain[-1] != "self" and chain[-1].endswith(HOLDERS):
+                elif parts and parts[-1] != "self" and parts[-1].endswith(HOLDERS):
                     found.append(
                         (node.lineno, f"{ast.unparse(node)} (private member of an engine)")
                     )
@@ -99,7 +87,7 @@ def private_touches(source: str) -> list[tuple[int, str]]:
                 if isinstance(target, ast.Attribute) and target.attr == "__class__":
                     found.append((node.lineno, f"{ast.unparse(target)} = ... (class swap)"))
         elif isinstance(node, ast.ClassDef):
-            bases = [_chain(b) for b in node.bases]
+            bases = [chain(b) for b in node.bases]
             if not any(b and b[0] in ds_names for b in bases):
                 continue
             for sub in ast.walk(node):
