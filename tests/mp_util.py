@@ -14,10 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment of a test subprocess: this repo importable, CPU accelerator, 1 thread."""
+    """The environment of a test subprocess: this repo importable, CPU accelerator, 1 thread
+    (``MEGACLIP_WORKER_THREADS`` sets another count: benchmarks/tolerance_spread.py)."""
     env = dict(os.environ)
     env.update(
-        OMP_NUM_THREADS="1",
+        OMP_NUM_THREADS=os.environ.get("MEGACLIP_WORKER_THREADS", "1"),
         DS_ACCELERATOR="cpu",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
         PYTHONUNBUFFERED="1",

@@ -21,17 +21,62 @@ pytestmark = pytest.mark.multiproc
 MODEL, SEED, STEPS = "tiny-pp", 3, 3
 
 
+WORKER = "tests/workers/train_layout.py"
+
+
 def _run(tmp_path, world, **spec):
-    """Losses, final weights and step-1 exp_avg of a layout (open_clip keys, all stages)."""
+    """Losses, final weights and step-1 exp_avg of one layout run alone (open_clip keys)."""
     spec = {"model": MODEL, "seed": SEED, "steps": STEPS, "zero": 1, **spec}
-    torchrun(world, "tests/workers/train_layout.py", tmp_path, json.dumps(spec), timeout=400)
-    stages = [torch.load(p) for p in sorted(tmp_path.glob("stage*.pt"))]
-    assert len(stages) == spec["pp"]
+    torchrun(world, WORKER, tmp_path, json.dumps(spec), timeout=400)
+    return _load(tmp_path, spec["pp"])
+
+
+def _load(out, pp):
+    stages = [torch.load(p) for p in sorted(out.glob("stage*.pt"))]
+    assert len(stages) == pp
     state, exp_avg = {}, {}
     for s in stages:
         state.update(s["state"])
         exp_avg.update(s["exp_avg"])
     return stages[-1]["losses"], state, exp_avg
+
+
+#: Every run of this file: name -> (world, spec). Runs of one (world, tp, pp) share a torchrun.
+SPECS: dict[str, tuple[int, dict]] = {}
+
+
+def _spec(name: str, world: int, **spec) -> str:
+    SPECS[name] = (world, {"model": MODEL, "seed": SEED, "steps": STEPS, "zero": 1, **spec})
+    return name
+
+
+class LayoutRuns:
+    """Runs the group of a requested spec once (one torchrun for every spec of its world, tp
+    and pp), then hands out each spec's losses, final weights and step-1 exp_avg."""
+
+    def __init__(self, root) -> None:
+        self.root, self.failed = root, {}
+
+    def get(self, name: str):
+        world, spec = SPECS[name]
+        key = (world, spec["tp"], spec["pp"])
+        out = self.root / "w{}-tp{}-pp{}".format(*key)
+        if key in self.failed:
+            raise AssertionError(f"the group of {name} failed:\n{self.failed[key]}")
+        if not out.exists():
+            group = [n for n, (w, s) in SPECS.items() if (w, s["tp"], s["pp"]) == key]
+            specs = [{**SPECS[n][1], "out": n} for n in group]
+            try:
+                torchrun(world, WORKER, out, json.dumps(specs), timeout=300 + 120 * len(group))
+            except AssertionError as err:
+                self.failed[key] = str(err)
+                raise
+        return _load(out / name, spec["pp"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> LayoutRuns:
+    return LayoutRuns(tmp_path_factory.mktemp("layouts"))
 
 
 def _compare_moments(exp_avg, ref_exp_avg, rtol):
@@ -103,37 +148,53 @@ LAYOUTS = [
 ]
 
 
+for _id, _w, _tp, _pp, _zero, _micro, _accum in LAYOUTS:
+    _spec(f"layout-{_id}", _w, tp=_tp, pp=_pp, zero=_zero, micro=_micro, accum=_accum)
+
+
 @pytest.mark.parametrize(
     "world, tp, pp, zero, micro, accum", [x[1:] for x in LAYOUTS], ids=[x[0] for x in LAYOUTS]
 )
-def test_layout_equals_single_process(tmp_path, world, tp, pp, zero, micro, accum):
-    got = _run(tmp_path, world, tp=tp, pp=pp, zero=zero, micro=micro, accum=accum)
+def test_layout_equals_single_process(runs, request, world, tp, pp, zero, micro, accum):
+    got = runs.get(f"layout-{request.node.callspec.id}")
     _compare(*got, micro, accum, world // (tp * pp))
 
 
+for _r in (False, True):
+    _spec(f"recompute-{_r}", 4, tp=1, pp=2, micro=2, accum=2, schedule="recompute", recompute=_r)
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
-def test_recompute_pipeline_schedule_is_exact_too(tmp_path, recompute):
+def test_recompute_pipeline_schedule_is_exact_too(runs, recompute):
     """The two-pass schedule (no-grad features, then stock 1F1B) equals the reference."""
-    got = _run(tmp_path, 4, tp=1, pp=2, micro=2, accum=2, schedule="recompute", recompute=recompute)
-    _compare(*got, 2, 2, 2)
+    _compare(*runs.get(f"recompute-{recompute}"), 2, 2, 2)
 
 
-def test_streamed_loss_in_a_pipeline_is_exact(tmp_path):
+_spec("stream", 4, tp=1, pp=2, micro=2, accum=2, loss_mode="stream")
+
+
+def test_streamed_loss_in_a_pipeline_is_exact(runs):
     """loss_mode=stream (owner blocks broadcast in turn) under PP=2 x DP=2."""
-    got = _run(tmp_path, 4, tp=1, pp=2, micro=2, accum=2, loss_mode="stream")
-    _compare(*got, 2, 2, 2)
+    _compare(*runs.get("stream"), 2, 2, 2)
 
 
-def test_grad_accumulation_equals_big_batch(tmp_path):
+_spec("accum", 1, tp=1, pp=1, micro=2, accum=4)
+
+
+def test_grad_accumulation_equals_big_batch(runs):
     """4 micro-batches of 2 on one process == the single-process batch of 8."""
-    got = _run(tmp_path, 1, tp=1, pp=1, micro=2, accum=4)
-    _compare(*got, 2, 4, 1)
+    _compare(*runs.get("accum"), 2, 4, 1)
+
+
+for _id, _pp, _zero in (("pp2-bf16", 2, 1), ("dp2-zero2-bf16", 1, 2)):
+    _m, _a = (2, 2) if _pp > 1 else (4, 1)
+    _spec(_id, 2, tp=1, pp=_pp, zero=_zero, micro=_m, accum=_a, precision="bf16")
 
 
 @pytest.mark.parametrize(
     "world, tp, pp, zero", [(2, 1, 2, 1), (2, 1, 1, 2)], ids=["pp2-bf16", "dp2-zero2-bf16"]
 )
-def test_bf16_trains_close_to_fp32_reference(tmp_path, world, tp, pp, zero):
+def test_bf16_trains_close_to_fp32_reference(runs, request, world, tp, pp, zero):
     """bf16 follows the fp32 reference: every step's loss and every tensor's gradient.
 
     Measured: losses within 1.3%; per-tensor gradient error up to 15% of the tensor's norm with
@@ -143,9 +204,7 @@ def test_bf16_trains_close_to_fp32_reference(tmp_path, world, tp, pp, zero):
     learning (the reference loss falls 35% in 3 steps).
     """
     micro, accum = (2, 2) if pp > 1 else (4, 1)
-    losses, _, exp_avg = _run(
-        tmp_path, world, tp=tp, pp=pp, zero=zero, micro=micro, accum=accum, precision="bf16"
-    )
+    losses, _, exp_avg = runs.get(request.node.callspec.id)
     ref = reference_run(MODEL, micro * accum * world // (tp * pp), STEPS, SEED)
     assert ref.losses[0] - ref.losses[-1] > 0.2 * ref.losses[0]  # the steps do learn
     for got, want in zip(losses, ref.losses, strict=True):
@@ -154,14 +213,19 @@ def test_bf16_trains_close_to_fp32_reference(tmp_path, world, tp, pp, zero):
     _compare_moments(exp_avg, ref.exp_avg, rtol=0.35)
 
 
+for _a in (1, 2):
+    _spec(f"zero3-ckpt-{_a}", 2, tp=1, pp=1, zero=3, micro=2, accum=_a, recompute=True)
+
+
 @pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
-def test_zero3_with_activation_checkpointing_is_exact(tmp_path, accum):
+def test_zero3_with_activation_checkpointing_is_exact(runs, accum):
     """ZeRO-3 + recomputation (DeepSpeed's fetch trace) over several steps equals the reference."""
-    got = _run(tmp_path, 2, tp=1, pp=1, zero=3, micro=2, accum=accum, recompute=True)
-    _compare(*got, 2, accum, 2)
+    _compare(*runs.get(f"zero3-ckpt-{accum}"), 2, accum, 2)
 
 
 SIGLIP_LAYOUTS = [("dp2", 2, 1, 1, 4, 1), ("pp2", 2, 1, 2, 2, 2), ("tp2xpp2", 4, 2, 2, 2, 2)]
+for _id, _w, _tp, _pp, _micro, _accum in SIGLIP_LAYOUTS:
+    _spec(f"siglip-{_id}", _w, tp=_tp, pp=_pp, micro=_micro, accum=_accum, loss="siglip")
 
 
 @pytest.mark.parametrize(
@@ -169,23 +233,25 @@ SIGLIP_LAYOUTS = [("dp2", 2, 1, 1, 4, 1), ("pp2", 2, 1, 2, 2, 2), ("tp2xpp2", 4,
     [x[1:] for x in SIGLIP_LAYOUTS],
     ids=[x[0] for x in SIGLIP_LAYOUTS],
 )
-def test_siglip_layout_equals_single_process(tmp_path, world, tp, pp, micro, accum):
+def test_siglip_layout_equals_single_process(runs, request, world, tp, pp, micro, accum):
     """train.loss: siglip (logit_bias travels with logit_scale) equals the reference."""
-    got = _run(tmp_path, world, tp=tp, pp=pp, micro=micro, accum=accum, loss="siglip")
+    got = runs.get(f"siglip-{request.node.callspec.id}")
     assert "logit_bias" in got[1]
     _compare(*got, micro, accum, world // (tp * pp), loss="siglip")
 
 
+for _w, _pp in ((1, 1), (2, 2)):
+    for _schedule in ("keep", "recompute"):
+        _spec(
+            f"flip-pp{_pp}-{_schedule}", _w, tp=1, pp=_pp, micro=2, accum=4, patch_dropout=0.5,
+            schedule=_schedule,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("world, pp", [(1, 1), (2, 2)], ids=["pp1", "pp2"])
-def test_recompute_schedule_replays_patch_dropout(tmp_path, world, pp):
+def test_recompute_schedule_replays_patch_dropout(runs, world, pp):
     """With FLIP patch dropout, recompute (two passes, one RNG replay) == keep, bit for bit-ish."""
-    common = dict(tp=1, pp=pp, micro=2, accum=4, patch_dropout=0.5)
-    runs = {}
-    for schedule in ("keep", "recompute"):
-        out = tmp_path / schedule
-        out.mkdir()
-        runs[schedule] = _run(out, world, schedule=schedule, **common)
-    (lk, sk, _), (lr, sr, _) = runs["keep"], runs["recompute"]
+    (lk, sk, _), (lr, sr, _) = (runs.get(f"flip-pp{pp}-{s}") for s in ("keep", "recompute"))
     for a, b in zip(lk, lr, strict=True):
         spread.record("loss", abs(a - b), max(1e-6, 1e-6 * abs(b)))  # as pytest.approx
     assert lk == pytest.approx(lr, rel=1e-6, abs=1e-6)

@@ -7,6 +7,7 @@ the gradients themselves, which AdamW's normalised updates hide.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -43,8 +44,23 @@ def first_moments(engine, tp_group) -> dict[str, torch.Tensor]:
 
 
 def main(out_dir: str, spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    rank, world = init_distributed()
+    """One spec, or a list of specs (each with an ``out`` sub-directory) of one (tp, pp) in
+    one process group: a torchrun per group of layouts, not per layout."""
+    specs = json.loads(spec_json)
+    _, world = init_distributed()
+    if isinstance(specs, dict):
+        run(out_dir, specs, world)
+    else:
+        for spec in specs:
+            out = Path(out_dir) / spec.pop("out")
+            out.mkdir(parents=True, exist_ok=True)
+            run(str(out), spec, world)
+            gc.collect()
+    clean_exit()
+
+
+def run(out_dir: str, spec: dict, world: int) -> None:
+    """Train ``spec``'s layout; rank (tp 0, dp 0) of each stage writes ``stage<pp>.pt``."""
     tp, pp = spec["tp"], spec["pp"]
     par = ParallelConfig(
         tp=tp,
@@ -108,7 +124,6 @@ def main(out_dir: str, spec_json: str) -> None:
             },
             f"{out_dir}/stage{topo.coords.pp}.pt",
         )
-    clean_exit()
 
 
 if __name__ == "__main__":
