@@ -37,20 +37,18 @@ if [ ! -f /usr/include/libaio.h ]; then
 fi
 log "torch==2.14.1 torchvision==0.29.1 (local disk on this machine kind)"
 pip install "torch==2.14.1" "torchvision==0.29.1"
-ds_ops=(DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1)
-[ -f /usr/include/libaio.h ] && ds_ops+=(DS_BUILD_AIO=1 DS_BUILD_PIN_MEMORY=1)
-has_op() { # has_op SUBDIR NAME: the prebuilt op's library is in the installed deepspeed
-  "$venv/bin/python" - "$@" <<'PY' 2>/dev/null
-import glob, os, sys
-import deepspeed
-sys.exit(0 if glob.glob(os.path.join(os.path.dirname(deepspeed.__file__), "ops", sys.argv[1], sys.argv[2] + "*.so")) else 1)
-PY
-}
-if ! has_op comm deepspeed_shm_comm_op || { [ -f /usr/include/libaio.h ] && ! has_op aio async_io_op; }; then
-  log "deepspeed==0.19.8 with its CPU ops prebuilt (${ds_ops[*]}; avoids a JIT build per launch)"
+if ! "$venv/bin/python" -c "import deepspeed" 2>/dev/null; then
+  log "deepspeed==0.19.8 with its CPU shared-memory comm op prebuilt (avoids a JIT build per launch)"
   pip install ninja packaging psutil py-cpuinfo pydantic hjson msgpack einops tqdm numpy
-  env DS_ACCELERATOR=cpu "${ds_ops[@]}" "$venv/bin/python" -m pip --disable-pip-version-check -q \
-    install --no-build-isolation --no-deps --force-reinstall --no-cache-dir "deepspeed==0.19.8"
+  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 pip install --no-build-isolation --no-deps "deepspeed==0.19.8"
+fi
+# async_io is built through DeepSpeed's own JIT path into the torch extensions cache, once: its
+# setup.py prebuild (DS_BUILD_AIO=1) leaves the op unlinked from libaio (ImportError io_submit).
+if [ -f /usr/include/libaio.h ]; then
+  log "DeepSpeed's async_io op (NVMe offload), built once into the torch extensions cache"
+  DS_ACCELERATOR=cpu "$venv/bin/python" -c "from deepspeed.accelerator import get_accelerator as g
+g().create_op_builder('AsyncIOBuilder').load(verbose=False)" >/dev/null 2>&1 \
+    || log "async_io did not build here: a run with NVMe offload builds it at first use"
 fi
 log "megaclip + test/dev extras"
 # transformers / clip-benchmark: the versions the HF and CLIP_benchmark tests were run with.
