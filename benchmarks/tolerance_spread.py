@@ -7,8 +7,9 @@ Runs the exactness tests (layouts, loss, distributed loss, SigLIP) once per conf
 ``ATEN_CPU_CAPABILITY`` in {the CPU's own (``native``), ``avx2``, ``default`` (scalar kernels)}
 and ``OMP_NUM_THREADS`` in {1, 2} (for the test process and every torchrun rank). Each run
 records, through ``tests/spread.py``, every check's ``used`` = measured error / allowed error (a
-check passes at ``used <= 1``). Prints one JSON line per check (``test``, ``check``, ``used`` per configuration, ``max_used``, ``margin`` = 1 /
-``max_used``, the bound's headroom over the largest measured spread), then one summary line
+check passes at ``used <= 1``). Prints one JSON line per check (``test``, ``check``, ``used``
+per configuration, ``max_used``, ``margin`` = 1 / ``max_used``, the bound's headroom over the
+largest measured spread), then one summary line
 (``configs``, ``cpu``, ``checks``, ``failed_runs``, ``max_used``, ``tightest``). A bound is
 justified where its ``margin`` is above 1 on every kernel family the machine kind has.
 """
