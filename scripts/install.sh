@@ -30,7 +30,8 @@ t0=$SECONDS
 if [ ! -f /usr/include/libaio.h ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "libaio-dev (DeepSpeed's async_io op for NVMe offload)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null; } \
+      || log "apt-get could not install libaio-dev: NVMe offload will be refused until it is there"
   else
     log "libaio-dev is missing: NVMe offload needs it (sudo apt-get install libaio-dev, then rerun)"
   fi
