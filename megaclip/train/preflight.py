@@ -30,6 +30,13 @@ from megaclip.train.host import meminfo_kib
 GIB = 2**30
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest existing ancestor."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def check_output_dir(path: str | Path, what: str = "train.out_dir") -> None:
     """ConfigError unless ``path`` is (or can be created as) a writable directory.
 
@@ -40,9 +47,7 @@ def check_output_dir(path: str | Path, what: str = "train.out_dir") -> None:
         raise ConfigError(f"{what} {str(path)!r} contains a NUL character")
     path = Path(path).expanduser()
     try:
-        probe = path
-        while not probe.exists() and probe.parent != probe:
-            probe = probe.parent
+        probe = nearest_existing(path)
         is_dir = probe.is_dir()
         writable = is_dir and os.access(probe, os.W_OK | os.X_OK)
     except OSError as err:
@@ -222,10 +227,7 @@ def check_offload(
     need = offload_bytes_per_rank(cfg, par, sections) * (local or local_ranks())
     for path in sorted({str(zero[k]["nvme_path"]) for k in sections}):
         check_output_dir(path, "the NVMe offload directory (train.offload_dir)")
-        probe = Path(path).expanduser()
-        while not probe.exists():
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
+        free = shutil.disk_usage(nearest_existing(Path(path).expanduser())).free
         if free < need:
             raise ConfigError(
                 f"NVMe offload of {cfg.name} needs about {need / GIB:.1f} GiB at {path} for "
