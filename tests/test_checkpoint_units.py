@@ -11,7 +11,7 @@ import torch
 
 from megaclip.checkpoint.atomic import read_latest
 from megaclip.checkpoint.export import import_open_clip
-from megaclip.checkpoint.layout import parse_tag, step_tag, tp_partition
+from megaclip.checkpoint.layout import parse_tag, step_tag
 from megaclip.checkpoint.meta import (
     CheckpointMeta,
     check_same_model,
@@ -27,27 +27,9 @@ from megaclip.config.model import load_preset
 from megaclip.config.schema import to_dict
 from megaclip.errors import CheckpointError
 from megaclip.model.clip import ClipModel
-from megaclip.parallel.layers import partition_of
-from megaclip.pipeline.partition import partition
-from megaclip.pipeline.stages import PipeStage
 from tests.mp_util import REPO
 
 CFG = load_preset("tiny-pp")
-
-
-def test_tp_partition_by_name_matches_layer_attributes():
-    """The offline rule (name only) equals the partition metadata the layers attach."""
-    model = ClipModel(CFG)
-    checked = 0
-    for name, param in model.named_parameters():
-        assert tp_partition(name) == partition_of(param), name
-        assert tp_partition(f"3.{name}") == partition_of(param), name
-        checked += partition_of(param)[0] is not None
-    assert checked == 6 * (CFG.vision.layers + CFG.text.layers)  # qkv w/b, c_fc w/b, 2 row w
-    plans = partition(CFG, 2)
-    for plan in plans:
-        for name, param in PipeStage(CFG, plan).named_parameters():
-            assert tp_partition(f"{plan.index}.{name}") == partition_of(param), name
 
 
 def test_step_tags():

@@ -15,12 +15,11 @@ from megaclip.config.parallel import ParallelConfig
 from megaclip.errors import ConfigError
 from megaclip.model.blocks import ResidualBlock, run_blocks
 from megaclip.model.clip import ClipModel
-from megaclip.model.flops import model_cost
+from megaclip.model.flops import block_params, model_cost
 from megaclip.perf.memory import (
     BUCKET_ELEMS,
     alive_micro_batches,
     block_activation_bytes,
-    block_params_per_rank,
     default_stages,
     even_stages,
     layout_memory,
@@ -50,10 +49,10 @@ def test_hand_counts_are_what_we_think():
     assert (VISION_EMBED, TEXT_EMBED, HEADS) == (6784, 2560, 2177)
 
 
-def test_block_params_per_rank():
-    assert block_params_per_rank(W, M, 1) == BLOCK
-    assert block_params_per_rank(W, M, 2) == BLOCK_TP2
-    assert block_params_per_rank(W, M, 4) == (BLOCK - 6 * W) // 4 + 6 * W
+def test_block_params():
+    assert block_params(W, M, 1) == BLOCK
+    assert block_params(W, M, 2) == BLOCK_TP2
+    assert block_params(W, M, 4) == (BLOCK - 6 * W) // 4 + 6 * W
 
 
 def test_whole_model_on_one_stage_equals_model_cost():

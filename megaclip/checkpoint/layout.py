@@ -1,8 +1,6 @@
-"""Pure naming and partition rules of megaclip checkpoints (no process groups, no files).
+"""Pure naming rules of megaclip checkpoints: step tags and DeepSpeed's shard file names.
 
-Offline tools (the converter) see parameter *names* only, never the parameter objects that carry
-``partition_dim`` / ``partition_stride``; :func:`tp_partition` derives the same rules from the
-name. A unit test checks it against the live attributes of every parameter of a model.
+How a parameter splits under TP is :mod:`megaclip.parallel.sharding`'s table (by name).
 """
 
 from __future__ import annotations
@@ -10,25 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# (name suffix pattern, partition dim, stride): megaclip's ColumnLinear / RowLinear layers.
-_TP_RULES: tuple[tuple[re.Pattern[str], int, int], ...] = (
-    (re.compile(r"\.attn\.qkv\.(weight|bias)$"), 0, 3),  # column-parallel, [q; k; v] stacked
-    (re.compile(r"\.mlp\.c_fc\.(weight|bias)$"), 0, 1),  # column-parallel
-    (re.compile(r"\.(attn\.out_proj|mlp\.c_proj)\.weight$"), 1, 1),  # row-parallel
-)
 _TAG = re.compile(r"^step-(\d+)(?:-(\d+))?$")
-
-
-def tp_partition(name: str) -> tuple[int | None, int]:
-    """(partition dim or None if replicated, stride) of the parameter called ``name``.
-
-    qkv weight/bias: dim 0, stride 3; mlp.c_fc: dim 0; attn.out_proj / mlp.c_proj weights:
-    dim 1; everything else (norms, embeddings, projections, row-parallel biases): replicated.
-    """
-    for pattern, dim, stride in _TP_RULES:
-        if pattern.search(name):
-            return dim, stride
-    return None, 1
 
 
 def step_tag(step: int, existing: set[str] | frozenset[str] = frozenset()) -> str:

@@ -7,7 +7,7 @@ Merges every layout's files into full (unsharded) tensors keyed by ClipModel par
   parameter is the concatenation of its fragments in DP-rank order. ZeRO-3 splits every
   parameter into ceil(numel / dp) elements per rank, laid out in ``param_shapes`` order.
 - pipeline stages: layer ``s`` of the PipelineModule is stage ``s``; names are disjoint;
-- TP shards: :func:`megaclip.checkpoint.layout.tp_partition` (by name) and
+- TP shards: :func:`megaclip.parallel.sharding.tp_partition` (by name) and
   :func:`megaclip.parallel.shapes.unshard`.
 Adam moments (``exp_avg``, ``exp_avg_sq``) live in the same flat layout as the fp32 masters.
 """
@@ -25,16 +25,13 @@ import torch
 
 from megaclip.checkpoint import mmap_io
 from megaclip.checkpoint.atomic import read_latest
-from megaclip.checkpoint.layout import (
-    ShardFiles,
-    tp_partition,
-    zero3_partition_numel,
-)
+from megaclip.checkpoint.layout import ShardFiles, zero3_partition_numel
 from megaclip.checkpoint.meta import META_FILE, CheckpointMeta, read_meta, verify_files
 from megaclip.config.model import ClipConfig
 from megaclip.errors import CheckpointError
 from megaclip.model.naming import strip_prefix
 from megaclip.parallel.shapes import unshard
+from megaclip.parallel.sharding import tp_partition
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 RANK_DIR = "megaclip_rank_state"

@@ -28,7 +28,6 @@ import torch
 from megaclip.checkpoint import mmap_io
 from megaclip.checkpoint.atomic import fsync_tree
 from megaclip.checkpoint.engine_state import EngineState
-from megaclip.checkpoint.layout import tp_partition
 from megaclip.checkpoint.meta import check_same_model
 from megaclip.checkpoint.openclip_io import OpenClipFile
 from megaclip.checkpoint.reader import (
@@ -44,8 +43,8 @@ from megaclip.errors import CheckpointError, ConfigError
 from megaclip.model.naming import strip_prefix
 from megaclip.parallel import collectives
 from megaclip.parallel import deepspeed_compat as ds_compat
-from megaclip.parallel.layers import partition_of
 from megaclip.parallel.shapes import shard
+from megaclip.parallel.sharding import tp_partition
 
 UNIVERSAL_META = "megaclip_universal.json"
 UNIVERSAL_FORMAT = "megaclip-universal"
@@ -343,12 +342,7 @@ def apply_full_state(
     }
     for canon, entry in source(list(mine)):
         name, param = mine.pop(canon)
-        dim, stride = partition_of(param)
-        if (dim, stride) != tp_partition(name):
-            raise CheckpointError(
-                f"internal: partition rule of {name} is {tp_partition(name)}, the layer says "
-                f"{(dim, stride)}"
-            )
+        dim, stride = tp_partition(name)
         local = {
             k: (v if dim is None else shard(v, dim, stride, tp_rank, tp)).float()
             for k, v in entry.items()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megaclip.parallel.layers import ColumnLinear, RowLinear, tp_world
+from megaclip.parallel.layers import tp_linear, tp_world
 
 
 class QuickGELU(nn.Module):
@@ -37,9 +37,9 @@ class Attention(nn.Module):
         self.local_heads = heads // tp
         self.head_dim = width // heads
         self.causal = causal
-        # Full weight is open_clip's in_proj_weight [3D, D]; stride 3 gives rank r [q_r; k_r; v_r].
-        self.qkv = ColumnLinear(width, 3 * width, tp_group=tp_group, stride=3)
-        self.out_proj = RowLinear(width, width, tp_group=tp_group)
+        # Full weight is open_clip's in_proj_weight [3D, D]; TP rank r holds [q_r; k_r; v_r].
+        self.qkv = tp_linear("attn.qkv", width, 3 * width, tp_group=tp_group)  # column
+        self.out_proj = tp_linear("attn.out_proj", width, width, tp_group=tp_group)  # row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape  # [B, S, D]
@@ -57,9 +57,9 @@ class Mlp(nn.Module):
         self, width: int, mlp_dim: int, act: str, *, tp_group: dist.ProcessGroup | None
     ) -> None:
         super().__init__()
-        self.c_fc = ColumnLinear(width, mlp_dim, tp_group=tp_group)
+        self.c_fc = tp_linear("mlp.c_fc", width, mlp_dim, tp_group=tp_group)  # column
         self.act = activation(act)
-        self.c_proj = RowLinear(mlp_dim, width, tp_group=tp_group)
+        self.c_proj = tp_linear("mlp.c_proj", mlp_dim, width, tp_group=tp_group)  # row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, D]
         return self.c_proj(self.act(self.c_fc(x)))  # [B, S, M/T] inside -> [B, S, D]

@@ -13,13 +13,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
+from megaclip.parallel.sharding import BLOCK_LINEARS
 
 
-def block_params(width: int, mlp_dim: int) -> int:
-    """Parameters of one pre-LN residual block: 2 LayerNorms, QKV + out-proj, fc1 + fc2 (biases)."""
-    attn = 3 * width * width + 3 * width + width * width + width
-    mlp = width * mlp_dim + mlp_dim + mlp_dim * width + width
-    return attn + mlp + 4 * width
+def block_linear_shapes(width: int, mlp_dim: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear layer of one block, by its path in the sharding table."""
+    return {
+        "attn.qkv": (3 * width, width),
+        "attn.out_proj": (width, width),
+        "mlp.c_fc": (mlp_dim, width),
+        "mlp.c_proj": (width, mlp_dim),
+    }
+
+
+def block_params(width: int, mlp_dim: int, tp: int = 1) -> int:
+    """Parameters of one pre-LN block on one of ``tp`` ranks: the four linears (weights and
+    biases, split as megaclip.parallel.sharding says) and two LayerNorms (replicated)."""
+    n = 4 * width  # ln_1, ln_2: gain and bias
+    for path, (out, inp) in block_linear_shapes(width, mlp_dim).items():
+        split = BLOCK_LINEARS[path]
+        n += split.weight.per_rank(out * inp, tp) + split.bias.per_rank(out, tp)
+    return n
 
 
 def block_macs(width: int, mlp_dim: int, seq: int) -> int:
@@ -27,18 +41,36 @@ def block_macs(width: int, mlp_dim: int, seq: int) -> int:
     return seq * (4 * width * width + 2 * width * mlp_dim) + 2 * seq * seq * width
 
 
+def vision_embed_params(v: VisionConfig) -> int:
+    """Patch conv (no bias), class token, positional embedding, ln_pre (replicated under TP)."""
+    return v.channels * v.patch_size**2 * v.width + v.width + v.seq_len * v.width + 2 * v.width
+
+
+def text_embed_params(t: TextConfig) -> int:
+    """Token embedding (not vocab-parallel: replicated) and positional embedding."""
+    return t.vocab_size * t.width + t.context_length * t.width
+
+
+def vision_head_params(v: VisionConfig, embed_dim: int) -> int:
+    """ln_post and the image projection."""
+    return 2 * v.width + v.width * embed_dim
+
+
+def text_head_params(t: TextConfig, embed_dim: int) -> int:
+    """ln_final and the text projection."""
+    return 2 * t.width + t.width * embed_dim
+
+
 def vision_params(v: VisionConfig, embed_dim: int) -> int:
-    """Patch embedding (no bias), class token, positions, ln_pre, blocks, ln_post, projection."""
-    embed = v.channels * v.patch_size**2 * v.width + v.width + v.seq_len * v.width + 2 * v.width
-    head = 2 * v.width + v.width * embed_dim
-    return embed + v.layers * block_params(v.width, v.mlp_dim) + head
+    """The image tower: embedding, blocks, head."""
+    blocks = v.layers * block_params(v.width, v.mlp_dim)
+    return vision_embed_params(v) + blocks + vision_head_params(v, embed_dim)
 
 
 def text_params(t: TextConfig, embed_dim: int) -> int:
-    """Token and positional embeddings, blocks, ln_final, text projection."""
-    embed = t.vocab_size * t.width + t.context_length * t.width
-    head = 2 * t.width + t.width * embed_dim
-    return embed + t.layers * block_params(t.width, t.mlp_dim) + head
+    """The text tower: embeddings, blocks, head."""
+    blocks = t.layers * block_params(t.width, t.mlp_dim)
+    return text_embed_params(t) + blocks + text_head_params(t, embed_dim)
 
 
 def vision_embed_macs(v: VisionConfig) -> int:

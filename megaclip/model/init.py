@@ -18,8 +18,9 @@ from torch import nn
 
 from megaclip.config.model import ClipConfig
 from megaclip.model.naming import to_open_clip_key
-from megaclip.parallel.layers import partition_of, tp_world
+from megaclip.parallel.layers import tp_world
 from megaclip.parallel.shapes import full_shape, shard, shard_row_runs
+from megaclip.parallel.sharding import tp_partition
 
 #: Elements per independent random stream of a parameter's flattened full value.
 BLOCK = 1 << 20
@@ -146,4 +147,4 @@ def init_parameters(
     for name, param in model.named_parameters():
         key = to_open_clip_key(name)
         flat = param.data.view(-1)
-        fill_local(flat, key, tuple(param.shape), partition_of(param), tp, cfg, seed)
+        fill_local(flat, key, tuple(param.shape), tp_partition(name), tp, cfg, seed)

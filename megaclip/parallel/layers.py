@@ -18,6 +18,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from megaclip.parallel.sharding import BLOCK_LINEARS
+
 
 def tp_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """(rank, size) of this process in the tensor-parallel group (0, 1 without one)."""
@@ -112,7 +114,8 @@ class ColumnLinear(_MegaclipLinear, ColumnParallelLinear):
         stride: int = 1,
     ) -> None:
         self._build(in_features, out_features, bias, tp_group, gather_output=False, stride=stride)
-        # megatron sets these only for TP > 1; the checkpoint converter relies on them always.
+        # megatron sets these only for TP > 1 (DeepSpeed's gradient norm reads them); set them
+        # always, so a test can hold every built parameter to the sharding table.
         _mark_sharded(self.weight, dim=0, stride=stride)
         if self.bias is not None:
             _mark_sharded(self.bias, dim=0, stride=stride)
@@ -135,6 +138,11 @@ class RowLinear(_MegaclipLinear, RowParallelLinear):
         _mark_sharded(self.weight, dim=1, stride=1)
 
 
-def partition_of(param: torch.Tensor) -> tuple[int | None, int]:
-    """(partition dim or None if replicated, stride) of a parameter built by these layers."""
-    return getattr(param, "partition_dim", None), getattr(param, "partition_stride", 1)
+def tp_linear(
+    path: str, in_features: int, out_features: int, *, tp_group: dist.ProcessGroup | None
+) -> ColumnLinear | RowLinear:
+    """The block's linear layer ``path`` (a key of BLOCK_LINEARS), split as the table says."""
+    split = BLOCK_LINEARS[path]
+    if split.dim == 0:
+        return ColumnLinear(in_features, out_features, tp_group=tp_group, stride=split.stride)
+    return RowLinear(in_features, out_features, tp_group=tp_group)

@@ -78,10 +78,17 @@ from typing import Protocol
 
 # The buckets and ZeRO-3 limits megaclip writes into DeepSpeed configs (the one builder).
 from megaclip.config.deepspeed import BUCKET_ELEMS, ZERO3_GRAD_BUFFER_ELEMS, ZERO3_LIVE_ELEMS
-from megaclip.config.model import ClipConfig, TextConfig, VisionConfig
+from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig, check_tensor_parallel
 from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.errors import ConfigError
+from megaclip.model.flops import (
+    block_params,
+    text_embed_params,
+    text_head_params,
+    vision_embed_params,
+    vision_head_params,
+)
 from megaclip.pipeline.partition import StageRanges, partition
 
 #: DeepSpeed's fallback all-reduce buffer for ZeRO-0 wrappers (MEMORY_OPT_ALLREDUCE_SIZE).
@@ -96,38 +103,6 @@ def bytes_per_element(precision: str) -> int:
 
 
 # ---------------------------------------------------------------- parameter counts per TP rank
-
-
-def block_params_per_rank(width: int, mlp_dim: int, tp: int) -> int:
-    """Parameters of one block on one TP rank: (4W^2 + 3W + 2WM + M)/t split + 6W replicated.
-
-    Split: QKV weight + bias (3W^2 + 3W), out-proj weight (W^2), fc1 weight + bias (WM + M),
-    fc2 weight (MW). Replicated: out-proj and fc2 biases (2W), two LayerNorms (4W).
-    """
-    split = 4 * width * width + 3 * width + 2 * width * mlp_dim + mlp_dim
-    if split % tp:
-        raise ConfigError(f"tensor parallel size {tp} does not divide a block of width {width}")
-    return split // tp + 6 * width
-
-
-def vision_embed_params(v: VisionConfig) -> int:
-    """Patch conv (no bias), class token, positional embedding, ln_pre (replicated under TP)."""
-    return v.channels * v.patch_size**2 * v.width + v.width + v.seq_len * v.width + 2 * v.width
-
-
-def text_embed_params(t: TextConfig) -> int:
-    """Token embedding (not vocab-parallel: replicated) and positional embedding."""
-    return t.vocab_size * t.width + t.context_length * t.width
-
-
-def vision_head_params(v: VisionConfig, embed_dim: int) -> int:
-    """ln_post and the image projection."""
-    return 2 * v.width + v.width * embed_dim
-
-
-def text_head_params(t: TextConfig, embed_dim: int) -> int:
-    """ln_final and the text projection."""
-    return 2 * t.width + t.width * embed_dim
 
 
 def _check_range(name: str, r: tuple[int, int], layers: int) -> None:
@@ -146,16 +121,17 @@ def stage_param_count(
 ) -> int:
     """Exact parameters held by one TP rank of a pipeline stage with the given block ranges.
 
-    Blocks count :func:`block_params_per_rank`; ``first`` adds both towers' embeddings (and
-    ln_pre), ``last`` both heads and ``logit_scale``. With tp = 1 and one stage holding
-    everything this equals ``model_cost(cfg).params_total``.
+    Blocks count :func:`megaclip.model.flops.block_params` (split as the sharding table says);
+    ``first`` adds both towers' embeddings (and ln_pre), ``last`` both heads and
+    ``logit_scale``. With tp = 1 and one stage holding everything this equals
+    ``model_cost(cfg).params_total``.
     """
     check_tensor_parallel(cfg, tp)
     _check_range("vision", vision_range, cfg.vision.layers)
     _check_range("text", text_range, cfg.text.layers)
     v, t = cfg.vision, cfg.text
-    n = (vision_range[1] - vision_range[0]) * block_params_per_rank(v.width, v.mlp_dim, tp)
-    n += (text_range[1] - text_range[0]) * block_params_per_rank(t.width, t.mlp_dim, tp)
+    n = (vision_range[1] - vision_range[0]) * block_params(v.width, v.mlp_dim, tp)
+    n += (text_range[1] - text_range[0]) * block_params(t.width, t.mlp_dim, tp)
     if first:
         n += vision_embed_params(v) + text_embed_params(t)
     if last:
@@ -361,8 +337,8 @@ def rank_model_states(
 def _zero3_live(cfg: ClipConfig, tp: int) -> int:
     v, t = cfg.vision, cfg.text
     return 2 * max(
-        block_params_per_rank(v.width, v.mlp_dim, tp),
-        block_params_per_rank(t.width, t.mlp_dim, tp),
+        block_params(v.width, v.mlp_dim, tp),
+        block_params(t.width, t.mlp_dim, tp),
     )
 
 

@@ -26,7 +26,7 @@ from megaclip.model.init import fill_local, init_parameters
 from megaclip.model.naming import to_open_clip_key
 from megaclip.parallel.deepspeed_compat import zero3_partition
 from megaclip.parallel.device import device as accelerator_device
-from megaclip.parallel.layers import partition_of
+from megaclip.parallel.sharding import tp_partition
 from megaclip.parallel.topology import Topology
 from megaclip.pipeline.partition import StagePlan, partition
 from megaclip.pipeline.stages import PipeStage
@@ -62,7 +62,7 @@ def init_zero3_partitions(module: nn.Module, cfg: ClipConfig, seed: int, tp: tup
         dest[n:].zero_()
         key = to_open_clip_key(name)
         shape = tuple(param.ds_shape)
-        fill_local(dest[:n], key, shape, partition_of(param), tp, cfg, seed, local.start)
+        fill_local(dest[:n], key, shape, tp_partition(name), tp, cfg, seed, local.start)
 
 
 @torch.no_grad()
@@ -74,7 +74,7 @@ def init_gathered(module: nn.Module, cfg: ClipConfig, seed: int, tp: tuple[int, 
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             key, shape = to_open_clip_key(name), tuple(param.ds_shape)
-            fill_local(param.data.view(-1), key, shape, partition_of(param), tp, cfg, seed, 0)
+            fill_local(param.data.view(-1), key, shape, tp_partition(name), tp, cfg, seed, 0)
 
 
 class BuiltModule:

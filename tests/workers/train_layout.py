@@ -39,7 +39,7 @@ def first_moments(engine, tp_group) -> dict[str, torch.Tensor]:
     for name, param in module.named_parameters():
         moment = safe_get_full_optimizer_state(param, "exp_avg")
         assert moment is not None, f"no exp_avg for {name}"
-        named.append((name, param, moment.reshape(getattr(param, "ds_shape", param.shape))))
+        named.append((name, moment.reshape(getattr(param, "ds_shape", param.shape))))
     return gather_full(named, tp_group)
 
 
