@@ -20,6 +20,7 @@ wall_s (the launch), reference_s (the check) and total_s (all of it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -89,15 +90,14 @@ def worker(out: Path, micro: int, accum: int, chunk: int) -> None:
         cfg, par, topo, {}, OptimConfig(lr=1e-4), seed=0, loss_chunk_size=chunk, loss_mode="stream"
     )
     captured = {}
-    original = engine._global_loss
 
-    def capture(img, txt, logit):
-        captured.update(
-            img=img.detach().clone(), txt=txt.detach().clone(), logit=logit.detach().clone()
-        )  # before the step updates it
-        return original(img, txt, logit)
+    @contextlib.contextmanager
+    def capture(img, txt, logit):  # the engine's "loss" hook: entered before the step updates
+        captured.update(img=img.detach().clone(), txt=txt.detach().clone())
+        captured.update(logit=logit.detach().clone())
+        yield
 
-    engine._global_loss = capture
+    engine.add_hook("loss", capture)
     result = engine.train_step(LazyBatches(accum, topo.coords.dp, micro, cfg))
     torch.save(
         {

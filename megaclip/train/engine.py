@@ -12,7 +12,8 @@ is split in two around one global loss computation:
    DeepSpeed's division by the accumulation steps and its DP averaging give exactly
    d(global loss)/d(parameters).
 
-``parallel.schedule`` says what happens to the graphs between 1 and 3: "keep" keeps them (PP = 1:
+``parallel.schedule`` says what happens to the graphs between 1 and 3 (one strategy each, in
+megaclip/train/steps.py): "keep" keeps them (PP = 1:
 the forwards of step 1 are reused; PP > 1: GPipe order with a global-loss instruction, one
 pipelined pass), "recompute" computes step 1 without graphs and runs every micro-batch again,
 with the same random numbers, right before its backward (PP > 1: then DeepSpeed's stock 1F1B):
@@ -34,33 +35,29 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megaclip.config.model import ClipConfig
-from megaclip.config.parallel import ParallelConfig, forward_passes
+from megaclip.config.parallel import ParallelConfig
 from megaclip.config.train import LOSS_CHUNK_SIZE, OptimConfig
 from megaclip.errors import ConfigError
 from megaclip.loss.contrastive import ClipLossOutput, clip_loss
 from megaclip.loss.siglip import siglip_loss
 from megaclip.model.naming import strip_prefix
-from megaclip.parallel import collectives
-from megaclip.parallel.deepspeed_compat import training_mode_kept, wrap_optimizer_step
+from megaclip.parallel.deepspeed_compat import wrap_optimizer_step
 from megaclip.parallel.device import accelerator, device
 from megaclip.parallel.runtime import (
     configure_backends,
     host_to_device,
-    rng_state,
     seed_training_rng,
-    set_rng_state,
 )
 from megaclip.parallel.topology import Topology
 from megaclip.perf.memory import choose_schedule
-from megaclip.pipeline.stages import cached_grad_loss, split_outputs
+from megaclip.pipeline.stages import split_outputs
 from megaclip.train.build import build_module
 from megaclip.train.ds_config import resolve_ds_config
 from megaclip.train.optim import build_optimizer, fuse_overflow_check, lr_at, param_groups
+from megaclip.train.steps import LastStageLoss, MicroBatch, StepStrategy, step_strategy
 
 if TYPE_CHECKING:
     from megaclip.train.resolve import ResolvedRun
-
-MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images [b, C, H, W], tokens [b, L]
 
 
 @dataclass(frozen=True)
@@ -100,24 +97,6 @@ HOOK_EVENTS = {
 Hook = Callable[..., contextlib.AbstractContextManager]
 
 
-class _LastStageLoss:
-    """The pipeline's loss_fn: collects the outputs, or runs the cached-gradient surrogate.
-
-    With ``collected`` set, outputs are appended (graphs alive unless ``detach``) and a zero is
-    returned; otherwise the label is the cached gradient and the surrogate is returned.
-    """
-
-    def __init__(self) -> None:
-        self.collected: list[torch.Tensor] | None = None
-        self.detach = False
-
-    def __call__(self, outputs: torch.Tensor, cached_grad: torch.Tensor) -> torch.Tensor:
-        if self.collected is not None:
-            self.collected.append(outputs.detach() if self.detach else outputs)
-            return outputs.new_zeros(())
-        return cached_grad_loss(outputs, cached_grad)
-
-
 class ClipEngine:
     """Builds the model for this rank's (tp, pp, dp) coordinates and trains it step by step."""
 
@@ -155,7 +134,7 @@ class ClipEngine:
             if ds_config
             else resolve_ds_config({}, par, gradient_clipping=optim.grad_clip)
         )
-        last_stage_loss = _LastStageLoss() if par.pp > 1 else None
+        last_stage_loss = LastStageLoss() if par.pp > 1 else None
         built = build_module(
             model_cfg,
             par,
@@ -192,13 +171,12 @@ class ClipEngine:
         self.device = device()
         self.step_count = 0
         self._hooks: dict[str, list[Hook]] = {event: [] for event in HOOK_EVENTS}
-        # "auto" left unresolved by the caller (megaclip train resolves it against the node's
-        # memory): the planner's choice without a budget.
-        self.schedule = choose_schedule(model_cfg, par)
-        if par.pp > 1 and self.schedule == "keep":
-            from megaclip.pipeline.engine import enable_global_loss
-
-            enable_global_loss(self.engine, self._pipeline_global_loss)
+        # resolved by megaclip.train.resolve (from_run); "auto" from a direct caller: the
+        # planner's choice without a memory budget.
+        self.schedule = par.schedule if par.schedule != "auto" else choose_schedule(model_cfg, par)
+        self.step_fn: StepStrategy = step_strategy(
+            self, self.schedule, par.pp, par.grad_accum_steps, last_stage_loss
+        )
 
     @classmethod
     def from_run(cls, run: ResolvedRun, topo: Topology) -> ClipEngine:
@@ -256,7 +234,7 @@ class ClipEngine:
         if acc.device_name() != "cpu":
             acc.synchronize()
 
-    def _global_loss(self, img: torch.Tensor, txt: torch.Tensor, logit: torch.Tensor):
+    def global_loss(self, img: torch.Tensor, txt: torch.Tensor, logit: torch.Tensor):
         """Loss over the global batch and d loss / d (this rank's features, [log scale, bias]).
 
         ``logit``: [log scale] (CLIP) or [log scale, bias] (SigLIP). Gradients follow
@@ -284,20 +262,6 @@ class ClipEngine:
         out.loss.backward()
         return out, img.grad, txt.grad, logit.grad
 
-    def _metrics(self, out, scale: torch.Tensor, src_last_stage: bool) -> torch.Tensor:
-        """[loss, log scale, i2t top-1, t2i top-1] on the device (zeros off the last stage)."""
-        vals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        if src_last_stage:
-            vals = torch.stack(
-                [
-                    out.loss.detach().double(),
-                    scale.detach().double().reshape(-1)[0],
-                    out.i2t_top1.double().reshape(()),
-                    out.t2i_top1.double().reshape(()),
-                ]
-            )
-        return vals
-
     # ---------------------------------------------------------------- step
 
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> StepResult:
@@ -311,12 +275,7 @@ class ClipEngine:
         self._sync()
         t0 = time.perf_counter()
         skipped_before = self.engine.skipped_steps
-        if self.par.pp == 1:
-            metrics, t_feat = self._step_plain(batches)
-        elif self.schedule == "keep":
-            metrics, t_feat = self._step_pipeline_global(batches)
-        else:
-            metrics, t_feat = self._step_pipeline_recompute(batches)
+        metrics, t_feat = self.step_fn(batches)  # the schedule's strategy (train/steps.py)
         lr = self.engine.get_lr()[0] if hasattr(self.engine, "get_lr") else float("nan")
         norm = self.engine.get_global_grad_norm()
         if isinstance(norm, torch.Tensor):  # read back with the metrics: one transfer
@@ -342,115 +301,6 @@ class ClipEngine:
             skipped=self.engine.skipped_steps > skipped_before,
         )
 
-    def _to_device(self, batch: MicroBatch) -> MicroBatch:
-        return host_to_device([batch], self.device)[0]  # non-blocking from pinned memory
-
-    def _step_plain(self, batches: list[MicroBatch]):
-        """PP = 1: features, the global loss once, then each micro-batch's surrogate backward.
-
-        "keep": the first forwards keep their graphs for the backwards (memory grows with the
-        micro-batches). "recompute" (always under ZeRO-3 with accumulation: its parameter
-        fetching needs each backward right after its forward): the first pass runs without
-        graphs, and each micro-batch is run again, with the same random numbers (patch dropout),
-        right before its backward: activations of one micro-batch at a time. The inputs stay on
-        the host between the passes.
-        """
-        engine, accum = self.engine, len(batches)
-        engine.train()
-        recompute = forward_passes(self.schedule, 1, accum) == 2
-        rng = rng_state() if recompute else None
-        with torch.no_grad() if recompute else contextlib.nullcontext():
-            outs = [engine(*self._to_device(mb)) for mb in batches]
-        img = torch.cat([o[0] for o in outs])  # [accum * b, E]
-        txt = torch.cat([o[1] for o in outs])
-        scale = outs[0][2]
-        out, g_img, g_txt, g_scale = self._global_loss(img, txt, scale)
-        t_feat = time.perf_counter()
-        if recompute:
-            set_rng_state(rng)  # the second forwards replay the same patch dropout
-        b = batches[0][0].shape[0]
-        for k, mb in enumerate(batches):
-            i_k, t_k, s_k = engine(*self._to_device(mb)) if recompute else outs[k]
-            rows = slice(k * b, (k + 1) * b)
-            surrogate = (i_k * g_img[rows].to(i_k.dtype)).sum()
-            surrogate = surrogate + (t_k * g_txt[rows].to(t_k.dtype)).sum()
-            surrogate = surrogate + (s_k * (g_scale / accum).to(s_k.dtype)).sum()
-            engine.backward(surrogate * accum)  # DeepSpeed divides by accum
-            engine.step()
-        return self._metrics(out, scale, True), t_feat
-
-    def _cached_grads(self, feats: list[torch.Tensor]):
-        """Global loss over the last stage's outputs -> per-micro-batch cached gradients."""
-        e, accum, b = self.cfg.embed_dim, len(feats), feats[0].shape[0]
-        parts = [split_outputs(f.detach().float(), e) for f in feats]
-        img = torch.cat([p[0] for p in parts])
-        txt = torch.cat([p[1] for p in parts])
-        scale = parts[0][2]
-        out, g_img, g_txt, g_scale = self._global_loss(img, txt, scale)
-        per_row = (g_scale / (accum * b)).view(1, -1).expand(b, -1)  # [b, k]
-        rows = [slice(k * b, (k + 1) * b) for k in range(accum)]
-        cached = [
-            accum * torch.cat([g_img[r], g_txt[r], per_row], dim=1).to(self.device) for r in rows
-        ]
-        return cached, self._metrics(out, scale, True)
-
-    def _pipeline_global_loss(self) -> list[torch.Tensor]:
-        """GlobalLoss instruction: surrogate losses for the m collected outputs (last stage)."""
-        feats = self.last_stage_loss.collected
-        cached, self._step_metrics = self._cached_grads(feats)
-        self._t_global_loss = time.perf_counter()
-        return [cached_grad_loss(f, g.to(f.dtype)) for f, g in zip(feats, cached)]
-
-    def _step_pipeline_global(self, batches: list[MicroBatch]):
-        """One pipelined pass: m forwards, the global loss, m backwards (GlobalLossSchedule)."""
-        b, e = batches[0][0].shape[0], self.cfg.embed_dim
-        dummy = torch.zeros(b, 2 * e + self.logit_width, device=self.device)
-        self._step_metrics = torch.zeros(4, dtype=torch.float64, device=self.device)
-        self._t_global_loss = time.perf_counter()
-        loss_fn = self.last_stage_loss
-        loss_fn.collected, loss_fn.detach = [], False
-        try:
-            self.engine.train_batch(iter([(mb, dummy) for mb in batches]))
-        finally:
-            loss_fn.collected = None
-        metrics = self._step_metrics
-        pp = self.topo.pp_group
-        collectives.broadcast(metrics, collectives.last_rank(pp), pp)  # on the device
-        return metrics, self._t_global_loss
-
-    def _step_pipeline_recompute(self, batches: list[MicroBatch]):
-        """Two pipelined passes: no-grad features, then stock 1F1B with cached gradients.
-
-        The feature pass runs in training mode (DeepSpeed's eval_batch would switch patch
-        dropout off) and the second pass replays its random numbers.
-        """
-        engine, accum, e = self.engine, len(batches), self.cfg.embed_dim
-        b = batches[0][0].shape[0]
-        last = self.topo.is_last_stage
-        dummy = torch.zeros(b, 2 * e + self.logit_width, device=self.device)
-        rng = rng_state()
-        loss_fn = self.last_stage_loss
-        loss_fn.collected, loss_fn.detach = [], True
-        try:
-            with training_mode_kept(engine.module):
-                engine.eval_batch(
-                    iter([(mb, dummy) for mb in batches]), reduce_output=None, bcast_loss=False
-                )
-            feats = loss_fn.collected
-        finally:
-            loss_fn.collected = None
-        set_rng_state(rng)  # the second forward replays the same random patch dropout
-        cached = [dummy] * accum
-        metrics = torch.zeros(4, dtype=torch.float64, device=self.device)
-        if last:
-            cached, metrics = self._cached_grads(feats)
-        t_feat = time.perf_counter()
-        engine.train_batch(iter([(mb, g) for mb, g in zip(batches, cached)]))
-        # Every rank reports the same numbers: broadcast them from the last stage (on the device).
-        pp = self.topo.pp_group
-        collectives.broadcast(metrics, collectives.last_rank(pp), pp)
-        return metrics, t_feat
-
     # ---------------------------------------------------------------- inference
 
     @torch.no_grad()
@@ -473,18 +323,13 @@ class ClipEngine:
                 raise ValueError(f"at most {self.par.grad_accum_steps} micro-batches per call")
             b, e = batches[0][0].shape[0], self.cfg.embed_dim
             dummy = torch.zeros(b, 2 * e + self.logit_width, device=self.device)
-            loss_fn = self.last_stage_loss
-            loss_fn.collected, loss_fn.detach = [], True
-            try:
+            with self.last_stage_loss.collecting(detach=True) as outs:
                 engine.eval_batch(
                     iter([(mb, dummy) for mb in batches]),
                     reduce_output=None,
                     bcast_loss=False,
                     num_micro_batches=len(batches),
                 )
-                outs = loss_fn.collected
-            finally:
-                loss_fn.collected = None
             return [split_outputs(o, e)[:2] for o in outs]
         finally:
             engine.module.train(was_training)
