@@ -21,7 +21,7 @@ import torch
 from megaclip.config.deepspeed import deepspeed_config
 from megaclip.config.model import ClipConfig, resolve_model
 from megaclip.config.parallel import ParallelConfig
-from megaclip.config.train import LOSS_CHUNK_SIZE
+from megaclip.config.train import LOSS_CHUNK_SIZE, RunConfig, TrainSection
 from megaclip.data.synthetic import SyntheticConfig, synthetic_batches
 from megaclip.errors import ConfigError
 from megaclip.train.host import status_kib
@@ -130,23 +130,30 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.ERROR)
 
 
+def run_config(spec: BenchSpec, par: ParallelConfig, cfg: ClipConfig) -> RunConfig:
+    """The run config of a benchmark: its model and layout, default optimiser, its seed, loss
+    chunk and step count (warm-up included), synthetic data. An unchunked loss (None) is one
+    chunk of the global batch."""
+    chunk = spec.loss_chunk_size or par.global_batch_size
+    train = TrainSection(steps=spec.warmup + spec.steps, seed=spec.seed, loss_chunk_size=chunk)
+    return RunConfig(model=cfg, parallel=par, train=train)
+
+
 def build_engine(spec: BenchSpec, topo, cfg: ClipConfig | None = None):
-    """A ClipEngine for ``spec`` on ``topo`` (weights from ``spec.seed``)."""
-    from megaclip.train.ds_config import resolve_ds_config
-    from megaclip.train.engine import ClipEngine, OptimConfig
+    """A ClipEngine for ``spec`` on ``topo`` (weights from ``spec.seed``), resolved like a
+    ``megaclip train`` run (megaclip.train.resolve) with no memory budget: ``engine.par`` holds
+    the schedule that runs."""
+    from megaclip.train.engine import ClipEngine
+    from megaclip.train.resolve import resolve_run
 
     cfg = cfg if cfg is not None else resolve_model(spec.model)
-    optim = OptimConfig()
-    ds = resolve_ds_config(ds_config_for(spec, topo.par), topo.par, optim.grad_clip)
-    return ClipEngine(
-        cfg,
-        topo.par,
-        topo,
-        ds,
-        optim,
-        seed=spec.seed,
-        loss_chunk_size=spec.loss_chunk_size,
+    run = resolve_run(
+        run_config(spec, topo.par, cfg),
+        ds_config_for(spec, topo.par),
+        world=topo.par.world_size,
+        budget=None,
     )
+    return ClipEngine.from_run(run, topo)
 
 
 # ---------------------------------------------------------------- memory probes

@@ -32,7 +32,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -51,7 +50,6 @@ from megaclip.bench.harness import (
 from megaclip.config.model import resolve_model
 from megaclip.model.flops import model_cost
 from megaclip.parallel import collectives
-from megaclip.perf.memory import choose_schedule
 from megaclip.perf.throughput import analytic_bubble, hardware_flops_factor, median, throughput
 from megaclip.train.metrics import cpu_probe_size, device_peak, probe_matmul
 
@@ -89,10 +87,10 @@ def run_throughput(
     quiet_deepspeed()
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its set-up to stdout
         rank, world = init_distributed()
-        par = spec.parallel(world)
-        topo = Topology(par)
+        topo = Topology(spec.parallel(world))
         cfg = resolve_model(spec.model)
         engine = build_engine(spec, topo, cfg)
+    par = engine.par  # resolved: the schedule that runs
     timers = instrument(engine, counter)
     batches = step_batches(cfg, par, topo.coords.dp, spec.seed, engine.device)
     for _ in range(spec.warmup):
@@ -172,9 +170,9 @@ def run_throughput(
 
 
 def summarize(spec: BenchSpec, cfg, par, ranks: list[dict[str, Any]], last) -> dict[str, Any]:
-    """Combine the per-rank measurements into the benchmark's one result dict (pure)."""
+    """Combine the per-rank measurements into the benchmark's one result dict (pure); ``par``
+    is the resolved layout that ran (its schedule "keep" or "recompute")."""
     cost = model_cost(cfg)
-    par = replace(par, schedule=choose_schedule(cfg, par))  # the schedule that ran
     step = max(r["median_step_s"] for r in ranks)
     peak = min(r["peak_flops"] for r in ranks)  # a device is as fast as the slowest probe
     tput = throughput(

@@ -347,7 +347,7 @@ def _write_out(
 
 
 def _run_memory(run_dir: str, as_json: bool) -> int:
-    from megaclip.train.memlog import run_memory_report
+    from megaclip.train.memory_report import run_memory_report
 
     report = run_memory_report(run_dir)
     if as_json:

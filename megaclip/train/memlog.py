@@ -3,7 +3,8 @@
 What is measured is what runs out: accelerator allocations on a GPU (``max_memory_allocated``),
 the process's resident set on a CPU (``VmRSS`` / ``VmHWM``, the peak reset at every phase:
 megaclip.train.host). Each rank writes ``<out_dir>/memory/rank_<r>.json``;
-``megaclip plan --run <out_dir>`` prints it next to the planner's prediction.
+``megaclip plan --run <out_dir>`` prints it next to the planner's prediction
+(megaclip.train.memory_report).
 """
 
 from __future__ import annotations
@@ -110,51 +111,3 @@ def read_run_memory(out_dir: str | Path) -> list[dict[str, Any]]:
     """Every rank's record of a run directory, in rank order (empty if none were written)."""
     root = Path(out_dir) / MEMORY_DIR
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("rank_*.json"))]
-
-
-def run_memory_report(out_dir: str | Path) -> dict[str, Any]:
-    """Measured (memory/rank_*.json) next to predicted (the planner) for a run directory."""
-    import yaml
-
-    from megaclip.config.train import run_config_from_dict
-    from megaclip.errors import ConfigError
-    from megaclip.perf.memory import rank_peaks
-    from megaclip.train.ds_config import load_ds_config, resolve_ds_config
-
-    out_dir = Path(out_dir)
-    config = out_dir / "config.yaml"
-    records = read_run_memory(out_dir)
-    if not config.is_file() or not records:
-        raise ConfigError(
-            f"{out_dir} is not a run directory with memory records ({config.name} and "
-            f"{MEMORY_DIR}/rank_*.json are written by `megaclip train`)"
-        )
-    data = yaml.safe_load(config.read_text(encoding="utf-8"))
-    ds_path = data.pop("deepspeed", None)
-    cfg = run_config_from_dict(data, where=str(config))
-    ds = resolve_ds_config(load_ds_config(ds_path), cfg.parallel, cfg.optim.grad_clip)
-    host = records[0].get("measure") == "rss"
-    predicted = rank_peaks(
-        cfg.model, cfg.parallel, host=host, ds=ds, loss_chunk=cfg.train.loss_chunk_size
-    )
-    ranks = []
-    for rec in records:
-        pred = predicted[rec["rank"]]
-        parts = {k: v for k, v in pred.stage.as_dict().items() if k.endswith("_gib")}
-        parts["runtime_gib"] = pred.runtime / GIB
-        ranks.append(
-            {
-                "rank": rec["rank"],
-                "measured_gib": rec["peak_gib"],
-                "predicted_gib": pred.peak / GIB,
-                "ratio": rec["peak_gib"] / (pred.peak / GIB),
-                "phases": {p["phase"]: p["peak_gib"] for p in rec["phases"]},
-                "predicted_parts_gib": parts,
-            }
-        )
-    return {
-        "run": str(out_dir),
-        "model": cfg.model.name,
-        "measure": records[0]["measure"],
-        "ranks": ranks,
-    }
