@@ -47,7 +47,9 @@ fi
 # setup.py prebuild (DS_BUILD_AIO=1) leaves the op unlinked from libaio (ImportError io_submit).
 if [ -f /usr/include/libaio.h ]; then
   log "DeepSpeed's async_io op (NVMe offload), built once into the torch extensions cache"
-  DS_ACCELERATOR=cpu "$venv/bin/python" -c "from deepspeed.accelerator import get_accelerator as g
+  # the venv's ninja, as in every later run (scripts/test.sh activates the venv): a build by
+  # another ninja version (the system's) reads as stale to it and is rebuilt, minutes on 2 cores
+  PATH="$venv/bin:$PATH" DS_ACCELERATOR=cpu "$venv/bin/python" -c "from deepspeed.accelerator import get_accelerator as g
 g().create_op_builder('AsyncIOBuilder').load(verbose=False)" >/dev/null 2>&1 \
     || log "async_io did not build here: a run with NVMe offload builds it at first use"
 fi

@@ -21,6 +21,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         OMP_NUM_THREADS=os.environ.get("MEGACLIP_WORKER_THREADS", "1"),
         DS_ACCELERATOR="cpu",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        # the venv's tools first (its ninja builds DeepSpeed's JIT ops; another ninja version
+        # would find the torch extensions cache stale and rebuild it)
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)
