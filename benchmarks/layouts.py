@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaclip.bench.compare import run_workers  # noqa: E402
-from megaclip.bench.harness import BenchSpec  # noqa: E402
+from megaclip.bench.spec import BenchSpec  # noqa: E402
 from megaclip.perf.throughput import analytic_bubble, median  # noqa: E402
 
 BENCH_MODEL = str(Path(__file__).resolve().parents[1] / "megaclip/bench/models/bench-pp.yaml")

@@ -31,3 +31,30 @@ def test_unknown_model_is_one_clear_error():
     assert out.returncode == 2
     assert "unknown model 'ViT-Q-14'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_commands_that_need_no_model_start_without_torch(tmp_path):
+    """Listing, planning and refusing a bad run config import neither torch nor DeepSpeed:
+    an answer in well under a second instead of seconds of megatron / DeepSpeed imports."""
+    import subprocess
+    import sys
+
+    from tests.mp_util import subprocess_env
+
+    probe = """
+import contextlib, io, sys
+from megaclip.cli.main import main
+plan = ["plan", "--model", "ViT-B-32", "--gpus", "16", "--gpu", "a100-40gb", "--top", "1"]
+for argv in (["models"], ["info", "--model", "ViT-G-14"], plan, ["train", "train.stepz=1"]):
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        rc = main(argv)
+    heavy = sorted(m for m in ("torch", "deepspeed", "megatron") if m in sys.modules)
+    print(argv[0], rc, heavy)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["models 0 []", "info 0 []", "plan 0 []", "train 2 []"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megaclip.bench.harness import BenchSpec
+from megaclip.bench.spec import BenchSpec
 from megaclip.config.model import resolve_model
 from megaclip.perf.memory import rank_model_states
 from tests.mp_util import REPO, torchrun

@@ -123,7 +123,8 @@ def test_deepspeed_and_the_trainer_accept_the_config(precision, zero):
 def test_one_builder_for_planner_trainer_and_bench():
     """The trainer's defaults (no DeepSpeed file) and bench's config are the builder's dict;
     the planner's differs only by overlap_comm, and its memory model predicts that file."""
-    from megaclip.bench.harness import BenchSpec, ds_config_for
+    from megaclip.bench.harness import ds_config_for
+    from megaclip.bench.spec import BenchSpec
     from megaclip.perf.memory import ds_buckets, layout_memory
 
     cfg = load_preset("ViT-B-32")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megaclip.bench.harness import BenchSpec
+from megaclip.bench.spec import BenchSpec
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
 from megaclip.perf.comm import Volume

@@ -16,7 +16,8 @@ from typing import Any
 import torch.distributed as dist
 
 from megaclip.bench.comm import CommCounter, totals
-from megaclip.bench.harness import BenchSpec, build_engine, quiet_deepspeed, step_batches
+from megaclip.bench.harness import build_engine, quiet_deepspeed, step_batches
+from megaclip.bench.spec import BenchSpec
 from megaclip.config.model import resolve_model
 from megaclip.parallel import collectives
 

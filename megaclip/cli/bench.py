@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from megaclip.bench.harness import BenchSpec
+from megaclip.bench.spec import BenchSpec
 from megaclip.errors import ConfigError
 
 

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from megaclip.bench.comm import CommCounter
-from megaclip.bench.harness import BenchSpec, quiet_deepspeed
+from megaclip.bench.harness import quiet_deepspeed
+from megaclip.bench.spec import BenchSpec
 from megaclip.bench.workers import comm_worker, memory_worker, steps_worker
 
 

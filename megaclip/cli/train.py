@@ -21,10 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megaclip.config.train import load_run_config
-    from megaclip.parallel.runtime import clean_exit
-    from megaclip.train.loop import run_training
+    from megaclip.train.resolve import launched_world, resolve_run
 
-    cfg = load_run_config(args.config, args.overrides)
-    run_training(cfg, args.deepspeed)
+    # the config's and the DeepSpeed JSON's errors come out before torch is even imported
+    run = resolve_run(
+        load_run_config(args.config, args.overrides), args.deepspeed, world=launched_world()
+    )
+    from megaclip.parallel.runtime import clean_exit
+    from megaclip.train.loop import train_run
+
+    train_run(run)
     clean_exit(0)
     return 0

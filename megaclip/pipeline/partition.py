@@ -8,11 +8,14 @@ patches and tokens; the last stage holds ln_post/proj, ln_final/text_projection 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megaclip.config.model import ClipConfig
 from megaclip.errors import ConfigError
-from megaclip.model.clip import Span
 from megaclip.model.flops import block_macs, vision_embed_macs
+
+if TYPE_CHECKING:
+    from megaclip.model.clip import Span
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class StagePlan(StageRanges):
     @property
     def span(self) -> Span:
         """The model span (megaclip.model.clip.Span) this stage builds."""
+        from megaclip.model.clip import Span  # torch and megatron: not at the planner's import
+
         return Span(self.vision, self.text, self.first, self.last)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from megaclip.train.faults import TrainingGuard, exit_with_launcher  # see docs/
 from megaclip.train.memlog import PhaseLog
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 from megaclip.train.preflight import check_memory, check_offload, check_output_dir
-from megaclip.train.resolve import resolve_run
+from megaclip.train.resolve import ResolvedRun, launched_world, resolve_run
 
 
 def micro_batch_stream(
@@ -126,9 +125,16 @@ class _Progress:
 
 def run_training(cfg: RunConfig, ds_override: str | None = None) -> dict | None:
     """Train ``cfg`` on the launched processes; returns the final summary on rank 0."""
-    # Everything that can be wrong with the input is checked before any process group exists
-    # (the config's own ranges were checked when it was built); the run is resolved once.
-    run = resolve_run(cfg, ds_override, world=int(os.environ.get("WORLD_SIZE", "1")))
+    return train_run(resolve_run(cfg, ds_override, world=launched_world()))
+
+
+def train_run(run: ResolvedRun) -> dict | None:
+    """Train a resolved run on the launched processes; the final summary on rank 0.
+
+    Everything that can be wrong with the input is checked before any process group exists:
+    the config and the DeepSpeed JSON by :func:`resolve_run`, memory, disks, data, output and
+    checkpoint inputs here.
+    """
     cfg, par = run.cfg, run.par
     if cfg.train.memory_check:  # before anything is allocated
         check_memory(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,12 @@ class ResolvedRun:
     def ds_dict(self) -> dict[str, Any]:
         """A mutable deep copy of the final DeepSpeed dict (DeepSpeed writes into its config)."""
         return copy.deepcopy(dict(self.ds))
+
+
+def launched_world() -> int:
+    """The process count of this launch (torchrun / deepspeed: WORLD_SIZE, srun: SLURM_NTASKS;
+    1 without a launcher), read before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1")
 
 
 def resolve_run(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megaclip.bench.harness import BenchSpec
+from megaclip.bench.spec import BenchSpec
 from megaclip.bench.workers import memory_worker
 from megaclip.parallel.runtime import clean_exit, init_distributed
 
