@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megaclip.cli.common import TOKENIZER_CHOICES
 from megaclip.errors import ConfigError, DataError
 from megaclip.tokenizer import (
     TOKENIZER_KINDS,
@@ -266,6 +267,7 @@ def test_build_tokenizer(tmp_path) -> None:
     with pytest.raises(ConfigError, match="needs a path"):
         build_tokenizer("sentencepiece")
     assert TOKENIZER_KINDS == ("clip_bpe", "sentencepiece")
+    assert TOKENIZER_CHOICES == TOKENIZER_KINDS  # the CLI's --tokenizer choices
 
 
 # --------------------------------------------------------------------------- SentencePiece

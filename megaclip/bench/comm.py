@@ -110,26 +110,29 @@ def _group_ranks(group: object) -> tuple[int, ...]:
         return ()
 
 
+#: Collectives whose payload is not their ``tensor`` argument: name -> (the argument holding the
+#: payload, the argument holding a representative tensor, or a list whose first tensor is one).
+_PAYLOAD_ARGS: dict[str, tuple[str, str]] = {
+    "all_gather_into_tensor": ("output_tensor", "input_tensor"),
+    "_all_gather_base": ("output_tensor", "input_tensor"),
+    "all_gather": ("tensor_list", "tensor"),
+    "all_gather_coalesced": ("output_tensor_lists", "input_tensor_list"),
+    "reduce_scatter_tensor": ("input", "input"),
+    "_reduce_scatter_base": ("input", "input"),
+    "reduce_scatter": ("input_list", "output"),
+    "all_reduce_coalesced": ("tensors", "tensors"),
+    "all_to_all_single": ("input", "input"),
+    "all_to_all": ("input_tensor_list", "input_tensor_list"),
+}
+
+
 def _payload(name: str, a: dict) -> tuple[int, torch.Tensor | None]:
     """(payload bytes, a representative tensor) of a bound call of collective ``name``."""
-    if name in ("all_gather_into_tensor", "_all_gather_base"):
-        return _nbytes(a["output_tensor"]), a["input_tensor"]
-    if name == "all_gather":
-        return _nbytes(a["tensor_list"]), a["tensor"]
-    if name == "all_gather_coalesced":
-        return _nbytes(a["output_tensor_lists"]), _first_tensor(a["input_tensor_list"])
-    if name in ("reduce_scatter_tensor", "_reduce_scatter_base"):
-        return _nbytes(a["input"]), a["input"]
-    if name == "reduce_scatter":
-        return _nbytes(a["input_list"]), a["output"]
-    if name == "all_reduce_coalesced":
-        return _nbytes(a["tensors"]), _first_tensor(a["tensors"])
-    if name == "all_to_all_single":
-        return _nbytes(a["input"]), a["input"]
-    if name == "all_to_all":
-        return _nbytes(a["input_tensor_list"]), _first_tensor(a["input_tensor_list"])
     if name == "barrier":
         return 0, None
+    if name in _PAYLOAD_ARGS:
+        payload, representative = _PAYLOAD_ARGS[name]
+        return _nbytes(a[payload]), _first_tensor(a[representative])
     tensor = a.get("tensor")
     return _nbytes(tensor), tensor
 

@@ -31,3 +31,18 @@ def add_documented(
     return subparsers.add_parser(
         name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+#: megaclip.tokenizer.TOKENIZER_KINDS, spelled out: importing megaclip.tokenizer imports torch.
+TOKENIZER_CHOICES = ("clip_bpe", "sentencepiece")
+
+
+def add_tokenizer_options(
+    parser: argparse.ArgumentParser,
+    *,
+    help: str,  # noqa: A002 - argparse's own keyword
+    path_help: str,
+) -> None:
+    """``--tokenizer KIND`` (default clip_bpe) and ``--tokenizer-path``, for build_tokenizer."""
+    parser.add_argument("--tokenizer", choices=TOKENIZER_CHOICES, default="clip_bpe", help=help)
+    parser.add_argument("--tokenizer-path", default=None, help=path_help)

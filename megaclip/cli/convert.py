@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megaclip.cli.common import add_documented
+from megaclip.cli.common import add_documented, add_tokenizer_options
 
 TARGETS = ("open_clip", "megaclip", "universal", "hf")
 FILE_SUFFIXES = (".pt", ".safetensors")
@@ -44,13 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model preset/YAML of a bare open_clip file")
     p.add_argument("--tp", type=int, default=1, help="--to megaclip: check this TP size fits")
     p.add_argument("--pp", type=int, default=1, help="--to megaclip: check this PP size fits")
-    p.add_argument(
-        "--tokenizer",
-        choices=("clip_bpe", "sentencepiece"),
-        default="clip_bpe",
+    add_tokenizer_options(
+        p,
         help="--to hf: the model's tokenizer (clip_bpe: its files are written too)",
+        path_help="--to hf: BPE merges or SentencePiece",
     )
-    p.add_argument("--tokenizer-path", default=None, help="--to hf: BPE merges or SentencePiece")
     p.add_argument(
         "--verify",
         action="store_true",

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from megaclip.cli.common import add_group
+from megaclip.cli.common import add_group, add_tokenizer_options
 from megaclip.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -106,10 +106,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--device", default=None, help="torch device (default: the accelerator's, else cpu)"
     )
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="model dtype (fp32)")
-    p.add_argument(
-        "--tokenizer", choices=("clip_bpe", "sentencepiece"), default="clip_bpe", help="(clip_bpe)"
-    )
-    p.add_argument("--tokenizer-path", default=None, help="BPE merges or SentencePiece model")
+    add_tokenizer_options(p, help="(clip_bpe)", path_help="BPE merges or SentencePiece model")
     p.add_argument(
         "--max-skip-fraction",
         type=float,

@@ -47,6 +47,9 @@ from megaclip.perf.planner import (
 )
 from megaclip.perf.timing import Cluster
 
+#: The Efficiency fields that ``--NAME-eff`` overrides (the two calibrated constants).
+EFFICIENCY_OVERRIDES = ("matmul", "memory")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_documented(
@@ -84,8 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="exact-loss schedule: keep = every micro-batch's graph alive; recompute = a no-grad "
         "feature pass first (flat memory); auto (default) = keep where it fits, else recompute",
     )
-    p.add_argument("--matmul-eff", type=float, help="override the calibrated matmul efficiency")
-    p.add_argument("--memory-eff", type=float, help="override the calibrated memory efficiency")
+    for name in EFFICIENCY_OVERRIDES:
+        p.add_argument(
+            f"--{name}-eff", type=float, help=f"override the calibrated {name} efficiency"
+        )
     p.add_argument(
         "--train-config",
         help="run config (data, optim, train) that --out-dir's run.yaml copies, with the plan's "
@@ -113,11 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.memory_margin < 1:
         raise ConfigError(f"--memory-margin must be in [0, 1), got {args.memory_margin}")
     device = get_device(args.gpu)
-    eff = CALIBRATED
-    if args.matmul_eff is not None:
-        eff = replace(eff, matmul=args.matmul_eff)
-    if args.memory_eff is not None:
-        eff = replace(eff, memory=args.memory_eff)
+    overrides = {name: getattr(args, f"{name}_eff") for name in EFFICIENCY_OVERRIDES}
+    eff = replace(CALIBRATED, **{name: v for name, v in overrides.items() if v is not None})
     if not (0 < eff.matmul <= 1 and 0 < eff.memory <= 1):
         raise ConfigError("--matmul-eff and --memory-eff must be in (0, 1]")
     req = PlanRequest(
