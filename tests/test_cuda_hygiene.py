@@ -115,10 +115,13 @@ def test_engine_copies_batches_without_blocking(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", spy)
     out = runtime.host_to_device([(torch.zeros(2), torch.zeros(2, dtype=torch.long))] * 3, "cpu")
     assert len(out) == 3 and calls == [True] * 6
-    # the engine uses it for every host batch (training and features)
-    src = (PACKAGE / "train/engine.py").read_text(encoding="utf-8")
-    assert src.count("host_to_device(") == 2
-    assert "i.to(self.device), t.to(self.device)" not in src
+    # the engine uses it for every host batch: features (engine.py) and training (steps.py)
+    engine = (PACKAGE / "train/engine.py").read_text(encoding="utf-8")
+    steps = (PACKAGE / "train/steps.py").read_text(encoding="utf-8")
+    assert engine.count("host_to_device(") == 1 and steps.count("host_to_device(") == 1
+    assert steps.count("_to_device(mb, h.device)") == 2  # the first and the replayed forwards
+    for src in (engine, steps):
+        assert ".to(self.device)" not in src and ".to(h.device)" not in src
 
 
 # ---------------------------------------------------------------- matmul / attention backends

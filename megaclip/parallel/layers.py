@@ -18,7 +18,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from megaclip.parallel.sharding import BLOCK_LINEARS
+from megaclip.parallel.sharding import BLOCK_LINEARS, LinearSplit
 
 
 def tp_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -66,18 +66,19 @@ class _MegaclipLinear:
         )
         return f"in={inp}, out={out} (local), bias={self.bias is not None}, tp={tp}"
 
-    def _build(
+    def __init__(
         self,
         in_features: int,
         out_features: int,
-        bias: bool,
+        split: LinearSplit,
+        *,
         tp_group: dist.ProcessGroup | None,
-        **megatron: Any,
+        bias: bool = True,
     ) -> None:
-        """The megatron layer (its own keyword arguments ``megatron``) over ``tp_group``, or
-        without a TP group the unsharded parameters, without megatron: its layers fall back to
-        the process's global TP group when given none, so a whole-model layer built in a TP > 1
-        process (the export, shape checks) would come out sharded."""
+        """The megatron layer over ``tp_group``, or without a TP group the unsharded parameters,
+        without megatron: its layers fall back to the process's global TP group when given
+        none, so a whole-model layer built in a TP > 1 process (the export, shape checks) would
+        come out sharded."""
         if tp_group is None:
             nn.Module.__init__(self)
             self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -90,10 +91,20 @@ class _MegaclipLinear:
                 init_method=_no_init,
                 bias=bias,
                 tp_group=tp_group,
-                **megatron,
+                **self.megatron_args(split),
             )
         self.explicit_tp_group = tp_group  # megatron may substitute its global group for None
         self._load_state_dict_pre_hooks.clear()  # megatron's hook injects "_extra_state" keys
+        # megatron sets these only for TP > 1 (DeepSpeed's gradient norm reads them); set them
+        # always, so a test can hold every built parameter to the sharding table.
+        for param, part in ((self.weight, split.weight), (self.bias, split.bias)):
+            if param is not None and part.dim is not None:
+                _mark_sharded(param, part.dim, part.stride)
+
+    @staticmethod
+    def megatron_args(split: LinearSplit) -> dict[str, Any]:
+        """The megatron class's own keyword arguments for ``split``."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in(/tp)] -> [..., out(/tp)]
         if self.explicit_tp_group is None:
@@ -104,38 +115,17 @@ class _MegaclipLinear:
 class ColumnLinear(_MegaclipLinear, ColumnParallelLinear):
     """y_r = x A_r^T + b_r, A split by output rows over TP ranks; backward all-reduces dL/dx."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        tp_group: dist.ProcessGroup | None,
-        bias: bool = True,
-        stride: int = 1,
-    ) -> None:
-        self._build(in_features, out_features, bias, tp_group, gather_output=False, stride=stride)
-        # megatron sets these only for TP > 1 (DeepSpeed's gradient norm reads them); set them
-        # always, so a test can hold every built parameter to the sharding table.
-        _mark_sharded(self.weight, dim=0, stride=stride)
-        if self.bias is not None:
-            _mark_sharded(self.bias, dim=0, stride=stride)
+    @staticmethod
+    def megatron_args(split: LinearSplit) -> dict[str, Any]:
+        return {"gather_output": False, "stride": split.stride}
 
 
 class RowLinear(_MegaclipLinear, RowParallelLinear):
     """y = all_reduce_r(x_r A_r^T) + b, A split by input columns over TP ranks; b replicated."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        tp_group: dist.ProcessGroup | None,
-        bias: bool = True,
-    ) -> None:
-        self._build(
-            in_features, out_features, bias, tp_group, input_is_parallel=True, skip_bias_add=False
-        )
-        _mark_sharded(self.weight, dim=1, stride=1)
+    @staticmethod
+    def megatron_args(split: LinearSplit) -> dict[str, Any]:
+        return {"input_is_parallel": True, "skip_bias_add": False}
 
 
 def tp_linear(
@@ -143,6 +133,5 @@ def tp_linear(
 ) -> ColumnLinear | RowLinear:
     """The block's linear layer ``path`` (a key of BLOCK_LINEARS), split as the table says."""
     split = BLOCK_LINEARS[path]
-    if split.dim == 0:
-        return ColumnLinear(in_features, out_features, tp_group=tp_group, stride=split.stride)
-    return RowLinear(in_features, out_features, tp_group=tp_group)
+    layer = ColumnLinear if split.dim == 0 else RowLinear
+    return layer(in_features, out_features, split, tp_group=tp_group)
