@@ -48,8 +48,13 @@ def _no_init(_: torch.Tensor) -> None:
     return None
 
 
-class _MegaclipLinear:
-    """What both wrappers add to megatron: plain math without a TP group, clean state dicts."""
+class _MegaclipLinear(nn.Module):
+    """What both wrappers add to megatron: plain math without a TP group, clean state dicts.
+
+    A Module subclass with its own ``__init__`` so that DeepSpeed's ``zero.Init`` (which wraps
+    the ``__init__`` of every Module subclass that defines one) partitions the parameters built
+    here; the megatron class comes after it in each subclass's MRO.
+    """
 
     # megatron adds an empty "_extra_state" entry per layer; keep state dicts to real tensors.
     get_extra_state = nn.Module.get_extra_state
