@@ -119,7 +119,7 @@ def ds_config_runs(tmp_path_factory) -> dict[str, str]:
     ]
     proc = torchrun(2, "tests/workers/ds_config_runs.py", out, json.dumps(runs), timeout=400)
     logs = proc.stdout.split("=== run ")[1:]
-    return {chunk.split("\n", 1)[0]: chunk for chunk in logs}
+    return {chunk.split("\n", 1)[0]: (chunk, out / chunk.split("\n", 1)[0]) for chunk in logs}
 
 
 @pytest.mark.parametrize("name", DS_CONFIGS)
@@ -135,11 +135,50 @@ def test_ds_config_runs_with_its_layout(name, request):
         assert cfg.float16_config.enabled and cfg.zero_optimization_stage == want["zero_stage"]
         assert cfg.train_batch_size == par.global_batch_size
         return
-    log = request.getfixturevalue("ds_config_runs")[name]
+    log, _ = request.getfixturevalue("ds_config_runs")[name]
     got = resolved_parallel(log)
     assert {k: got[k] for k in want} == want
     assert f"training tiny on 2 processes {layout_line(got)}" in log
     assert "step      2  loss" in log
+
+
+def _tensor_bytes(obj, seen: set) -> int:
+    """Bytes of the distinct tensor storages inside a loaded checkpoint file."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+@pytest.mark.parametrize("name", [n for n in DS_CONFIGS if runnable(n)])
+def test_checkpoint_bytes_are_what_the_disk_check_plans(name, request):
+    """The tensors of each layout's saved checkpoint (every rank's files) against the disk
+    model (megaclip.perf.memory.checkpoint_bytes) the pre-flight plans with."""
+    import torch
+
+    from megaclip.config.model import load_preset
+    from megaclip.perf.memory import checkpoint_bytes
+
+    log, run_dir = request.getfixturevalue("ds_config_runs")[name]
+    par = ParallelConfig(**{k: v for k, v in resolved_parallel(log).items()})
+    step = run_dir / "checkpoints" / "step-2"
+    files = sorted(step.rglob("*.pt"))
+    measured = 0
+    for f in files:
+        seen: set = set()
+        measured += _tensor_bytes(torch.load(f, map_location="cpu", weights_only=False), seen)
+    planned = checkpoint_bytes(load_preset("tiny"), par)
+    # above the plan: ZeRO's alignment padding and the small per-rank states (RNG, scalars)
+    assert planned <= measured <= 1.06 * planned, (name, measured, planned)
 
 
 def test_launch_sh_dry_run_is_the_deepspeed_launcher(tmp_path):

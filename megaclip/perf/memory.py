@@ -140,6 +140,36 @@ def stage_param_count(
     return n
 
 
+# ---------------------------------------------------------------- disk: checkpoints, exports
+
+
+def checkpoint_bytes_per_param(precision: str, zero_stage: int) -> int:
+    """Tensor bytes one parameter takes in a saved checkpoint (DeepSpeed 0.19.8's files).
+
+    Adam's two fp32 moments (8), the fp32 master copy (4) where the optimizer keeps one apart
+    from the module (every case but fp32 ZeRO-0, where the module is the master), and the
+    module in its training dtype where DeepSpeed saves it (ZeRO < 3; ZeRO-3's module files hold
+    empty partitions). fp32: 12 (ZeRO-0), 16 (ZeRO-1/2), 12 (ZeRO-3); bf16: 14, 14, 12.
+    """
+    module = 0 if zero_stage == 3 else bytes_per_element(precision)
+    master = 0 if (precision == "fp32" and zero_stage == 0) else 4
+    return module + master + 8
+
+
+def checkpoint_bytes(cfg: ClipConfig, par: ParallelConfig) -> int:
+    """Tensor bytes of one full checkpoint of this layout, every rank's files together: each
+    (stage, TP rank) saves its parameters once (replicated ones once per TP rank)."""
+    params = par.tp * sum(stage_params(cfg, par.tp, s) for s in default_stages(cfg, par.pp))
+    return params * checkpoint_bytes_per_param(par.precision, par.zero_stage)
+
+
+def export_bytes(cfg: ClipConfig) -> int:
+    """Bytes of the run's final open_clip export: every parameter once, in fp32."""
+    return 4 * stage_param_count(
+        cfg, 1, (0, cfg.vision.layers), (0, cfg.text.layers), first=True, last=True
+    )
+
+
 # ---------------------------------------------------------------- stage layouts
 
 

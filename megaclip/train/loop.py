@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 import yaml
 
-from megaclip.checkpoint.atomic import read_latest
+from megaclip.checkpoint.atomic import complete_tags, read_latest
 from megaclip.checkpoint.resume import check_checkpoint_inputs
 from megaclip.config.train import RunConfig, ZeroShotSection, run_config_to_dict
 from megaclip.data.stats import SkipTally, skip_record
@@ -26,7 +26,7 @@ from megaclip.train.engine import ClipEngine, StepResult
 from megaclip.train.faults import TrainingGuard, exit_with_launcher  # see docs/reliability.md
 from megaclip.train.memlog import PhaseLog
 from megaclip.train.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
-from megaclip.train.preflight import check_memory, check_offload, check_output_dir
+from megaclip.train.preflight import check_disk, check_memory, check_offload, check_output_dir
 from megaclip.train.resolve import ResolvedRun, launched_world, resolve_run
 
 
@@ -153,6 +153,8 @@ def train_run(run: ResolvedRun) -> dict | None:
     check_zeroshot_inputs(cfg.zeroshot)
     check_output_dir(cfg.train.out_dir)
     check_checkpoint_inputs(cfg)
+    # room for the checkpoints (train.keep_last) and the export the run writes
+    check_disk(cfg, par, len(complete_tags(Path(cfg.train.out_dir) / "checkpoints")))
     exit_with_launcher()  # reliability: no orphaned ranks when torchrun is SIGKILLed
     rank, world = init_distributed(cfg.train.dist_timeout_s)
     # reliability: sub-groups time out after dist_timeout_s too (megatron takes float minutes)

@@ -23,7 +23,7 @@ from typing import Any
 
 from megaclip.config.model import ClipConfig
 from megaclip.config.parallel import ParallelConfig
-from megaclip.config.train import LOSS_CHUNK_SIZE
+from megaclip.config.train import LOSS_CHUNK_SIZE, RunConfig
 from megaclip.errors import ConfigError
 from megaclip.train.host import meminfo_kib
 
@@ -194,6 +194,51 @@ def offload_bytes_per_rank(
     params = sum(stage_params(cfg, par.tp, s) for s in default_stages(cfg, par.pp))
     per = sum(OFFLOAD_BYTES_PER_PARAM[k][par.precision] for k in sections)
     return per * params / par.dp
+
+
+#: What a saved file adds beyond its tensors (zip entries, pickled metadata): a margin on top.
+FILE_OVERHEAD = 0.02
+
+
+def disk_need(
+    cfg: RunConfig, par: ParallelConfig, existing: int = 0
+) -> tuple[float, int, float, float]:
+    """(bytes this run may still write to ``train.out_dir``, checkpoints it may add, bytes of
+    one checkpoint, bytes of the final export) with ``existing`` complete checkpoints there.
+
+    A save is published before the oldest beyond ``train.keep_last`` is deleted, so at most
+    keep_last + 1 exist at once (every save when keep_last is 0); a run saves every
+    ``save_every`` steps and at the end.
+    """
+    from megaclip.perf.memory import checkpoint_bytes, export_bytes
+
+    t = cfg.train
+    saves = (t.steps // t.save_every if t.save_every else 0) + 1
+    peak = saves if t.keep_last == 0 else min(saves, t.keep_last + 1)
+    new = max(1, peak - existing) if t.keep_last else saves
+    one = checkpoint_bytes(cfg.model, par) * (1 + FILE_OVERHEAD)
+    export = export_bytes(cfg.model) * (1 + FILE_OVERHEAD)
+    return new * one + export, new, one, export
+
+
+def check_disk(cfg: RunConfig, par: ParallelConfig, existing: int = 0) -> None:
+    """ConfigError (one line) when ``train.out_dir``'s disk has no room for the checkpoints
+    and the export this run writes (:func:`disk_need`), before anything is allocated."""
+    import shutil
+
+    out = Path(cfg.train.out_dir).expanduser()
+    free = shutil.disk_usage(nearest_existing(out)).free
+    need, new, one, export = disk_need(cfg, par, existing)
+    if need <= free:
+        return
+    gib = 2**30
+    raise ConfigError(
+        f"train.out_dir {out} has {free / gib:.1f} GiB free, but this run writes up to "
+        f"{need / gib:.1f} GiB there ({new} checkpoint(s) of {one / gib:.1f} GiB with "
+        f"train.keep_last={cfg.train.keep_last}, and the {export / gib:.1f} GiB final export): "
+        "free space, lower train.keep_last / raise train.save_every, or choose another "
+        "train.out_dir"
+    )
 
 
 def async_io_problem() -> str | None:
