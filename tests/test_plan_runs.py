@@ -177,8 +177,9 @@ def test_checkpoint_bytes_are_what_the_disk_check_plans(name, request):
         seen: set = set()
         measured += _tensor_bytes(torch.load(f, map_location="cpu", weights_only=False), seen)
     planned = checkpoint_bytes(load_preset("tiny"), par)
-    # above the plan: ZeRO's alignment padding and the small per-rank states (RNG, scalars)
-    assert planned <= measured <= 1.06 * planned, (name, measured, planned)
+    # beyond the model: each rank's small states (RNG, step counters, alignment padding), about
+    # 15 KiB a rank whatever the model (measured 20-30 KiB over 2 ranks on 2026-12-08)
+    assert 0 <= measured - planned <= 32 * 1024 * par.world_size, (name, measured, planned)
 
 
 def test_launch_sh_dry_run_is_the_deepspeed_launcher(tmp_path):
