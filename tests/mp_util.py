@@ -113,8 +113,11 @@ def launch_ranks(
             out.seek(0)
             err.seek(0)
             texts.append((out.read(), err.read()))
+    # like torchrun's failure summary: which rank ended first, with what status
+    failed = [f"rank {r} exitcode : {p.returncode}" for r, p in enumerate(procs) if p.returncode]
+    summary = "".join(f"{line}\n" for line in failed if rc)
     return subprocess.CompletedProcess(
-        argv, rc, "".join(o for o, _ in texts), "".join(e for _, e in texts)
+        argv, rc, "".join(o for o, _ in texts), "".join(e for _, e in texts) + summary
     )
 
 
