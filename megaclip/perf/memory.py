@@ -84,6 +84,7 @@ from megaclip.config.train import LOSS_CHUNK_SIZE
 from megaclip.errors import ConfigError
 from megaclip.model.flops import (
     block_params,
+    model_cost,
     text_embed_params,
     text_head_params,
     vision_embed_params,
@@ -165,9 +166,7 @@ def checkpoint_bytes(cfg: ClipConfig, par: ParallelConfig) -> int:
 
 def export_bytes(cfg: ClipConfig) -> int:
     """Bytes of the run's final open_clip export: every parameter once, in fp32."""
-    return 4 * stage_param_count(
-        cfg, 1, (0, cfg.vision.layers), (0, cfg.text.layers), first=True, last=True
-    )
+    return 4 * model_cost(cfg).params_total
 
 
 # ---------------------------------------------------------------- stage layouts

@@ -49,12 +49,18 @@ from megaclip.parallel.runtime import (
     seed_training_rng,
 )
 from megaclip.parallel.topology import Topology
-from megaclip.perf.memory import choose_schedule
+from megaclip.perf.memory import schedule_without_budget
 from megaclip.pipeline.stages import split_outputs
 from megaclip.train.build import build_module
 from megaclip.train.ds_config import resolve_ds_config
 from megaclip.train.optim import build_optimizer, fuse_overflow_check, lr_at, param_groups
-from megaclip.train.steps import LastStageLoss, MicroBatch, StepStrategy, step_strategy
+from megaclip.train.steps import (
+    LastStageLoss,
+    MicroBatch,
+    StepStrategy,
+    placeholder_labels,
+    step_strategy,
+)
 
 if TYPE_CHECKING:
     from megaclip.train.resolve import ResolvedRun
@@ -173,7 +179,7 @@ class ClipEngine:
         self._hooks: dict[str, list[Hook]] = {event: [] for event in HOOK_EVENTS}
         # resolved by megaclip.train.resolve (from_run); "auto" from a direct caller: the
         # planner's choice without a memory budget.
-        self.schedule = par.schedule if par.schedule != "auto" else choose_schedule(model_cfg, par)
+        self.schedule = schedule_without_budget(par)
         self.step_fn: StepStrategy = step_strategy(
             self, self.schedule, par.pp, par.grad_accum_steps, last_stage_loss
         )
@@ -321,8 +327,7 @@ class ClipEngine:
                 return [engine(images, tokens)[:2] for images, tokens in batches]
             if len(batches) > self.par.grad_accum_steps:
                 raise ValueError(f"at most {self.par.grad_accum_steps} micro-batches per call")
-            b, e = batches[0][0].shape[0], self.cfg.embed_dim
-            dummy = torch.zeros(b, 2 * e + self.logit_width, device=self.device)
+            dummy = placeholder_labels(self, batches[0][0].shape[0])
             with self.last_stage_loss.collecting(detach=True) as outs:
                 engine.eval_batch(
                     iter([(mb, dummy) for mb in batches]),
@@ -330,7 +335,7 @@ class ClipEngine:
                     bcast_loss=False,
                     num_micro_batches=len(batches),
                 )
-            return [split_outputs(o, e)[:2] for o in outs]
+            return [split_outputs(o, self.cfg.embed_dim)[:2] for o in outs]
         finally:
             engine.module.train(was_training)
 

@@ -167,14 +167,15 @@ def cached_grads(
     return cached, metrics_vector(out, scale, host.device)
 
 
+def placeholder_labels(host: StepHost, b: int) -> torch.Tensor:
+    """The pipeline's label of a micro-batch where no cached gradient is passed: [b, 2E + k]
+    zeros (k: the logit scalars' width)."""
+    return torch.zeros(b, 2 * host.cfg.embed_dim + host.logit_width, device=host.device)
+
+
 class _PipelineStep:
     def __init__(self, host: StepHost, loss_fn: LastStageLoss) -> None:
         self.host, self.loss_fn = host, loss_fn
-
-    def _labels(self, b: int) -> torch.Tensor:
-        """The placeholder label of a micro-batch: [b, 2E + logit width] zeros."""
-        h = self.host
-        return torch.zeros(b, 2 * h.cfg.embed_dim + h.logit_width, device=h.device)
 
     def _shared(self, metrics: torch.Tensor) -> torch.Tensor:
         """Every rank reports the same numbers: the last stage's, broadcast on the device."""
@@ -201,7 +202,7 @@ class PipelineGlobalLossStep(_PipelineStep):
         return [cached_grad_loss(f, g.to(f.dtype)) for f, g in zip(feats, cached)]
 
     def __call__(self, batches: Sequence[MicroBatch]) -> tuple[torch.Tensor, float]:
-        dummy = self._labels(batches[0][0].shape[0])
+        dummy = placeholder_labels(self.host, batches[0][0].shape[0])
         self._metrics = torch.zeros(4, dtype=torch.float64, device=self.host.device)
         self._t_loss = time.perf_counter()
         with self.loss_fn.collecting(detach=False):
@@ -217,7 +218,7 @@ class PipelineRecomputeStep(_PipelineStep):
     def __call__(self, batches: Sequence[MicroBatch]) -> tuple[torch.Tensor, float]:
         h, accum = self.host, len(batches)
         engine = h.engine
-        dummy = self._labels(batches[0][0].shape[0])
+        dummy = placeholder_labels(self.host, batches[0][0].shape[0])
         rng = rng_state()
         with self.loss_fn.collecting(detach=True) as feats, training_mode_kept(engine.module):
             engine.eval_batch(
